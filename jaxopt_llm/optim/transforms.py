@@ -376,8 +376,10 @@ def scale_by_rmsprop(
     square_avg = jax.tree.map(
         lambda s, g: alpha * s + (1.0 - alpha) * jnp.square(_up(g)), state.square_avg, updates)
     if centered:
+      # lerp form a + (1-alpha)(g - a), as torch: s - gbar**2 below cancels, so the way gbar
+      # is rounded shows up in the result.
       grad_avg = jax.tree.map(
-          lambda a, g: alpha * a + (1.0 - alpha) * _up(g), state.grad_avg, updates)
+          lambda a, g: a + (1.0 - alpha) * (_up(g) - a), state.grad_avg, updates)
       # max(., 0) only guards against rounding below zero; mathematically s >= gbar^2.
       denom = jax.tree.map(
           lambda s, a: jnp.sqrt(jnp.maximum(s - jnp.square(a), 0.0)) + eps, square_avg, grad_avg)

@@ -1,0 +1,1 @@
+"""PyTorch reference comparisons. torch is an optional dependency, imported lazily."""

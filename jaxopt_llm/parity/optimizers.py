@@ -127,6 +127,8 @@ def cases() -> dict[str, ParityCase]:
   """Every optimizer with its defaults and with betas (0.9, 0.95) and weight decay 0.1."""
   c = {}
   c["sgd"] = ParityCase(lambda: optim.sgd(0.05), _torch_opt("SGD", lr=0.05))
+  c["sgd_momentum0.9"] = ParityCase(
+      lambda: optim.sgd(0.05, momentum=0.9), _torch_opt("SGD", lr=0.05, momentum=0.9))
   c["sgd_momentum_nesterov_wd"] = ParityCase(
       lambda: optim.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=0.1),
       _torch_opt("SGD", lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1))
@@ -151,6 +153,8 @@ def cases() -> dict[str, ParityCase]:
       lambda: optim.adam(1e-3, b1=0.9, b2=0.95), _torch_opt("Adam", lr=1e-3, betas=(0.9, 0.95)))
   c["adam_amsgrad"] = ParityCase(
       lambda: optim.adam(1e-3, amsgrad=True), _torch_opt("Adam", lr=1e-3, amsgrad=True))
+  c["adam_l2"] = ParityCase(
+      lambda: optim.adam_l2(1e-3), _torch_opt("Adam", lr=1e-3, weight_decay=0.01))
   c["adam_l2_wd0.1_b0.95"] = ParityCase(
       lambda: optim.adam_l2(1e-3, b2=0.95, weight_decay=0.1),
       _torch_opt("Adam", lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1))

@@ -1,0 +1,29 @@
+# The two commands of the README. Each creates .venv and installs what it needs if missing.
+#   make run    the main job: train small models with our optimizers and schedules
+#   make test   the whole test suite (what CI runs, through .ci/run)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test parity clean
+
+run: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# PyTorch parity table of every optimizer (also part of `make test`).
+parity: $(STAMP)
+	$(PY) -m jaxopt_llm.parity
+
+# torch is pinned to the CPU wheel (2.13.0) by pyproject's extras: never unpinned.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

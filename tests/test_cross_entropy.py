@@ -1,0 +1,373 @@
+"""Tests for jaxopt_llm.losses.cross_entropy: equations, PyTorch parity, properties."""
+from functools import partial
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from jax.experimental import checkify
+
+from jaxopt_llm.losses import causal_lm_loss, cross_entropy
+
+IGNORE = -100
+
+
+def _np_cross_entropy(logits, labels, *, ignore_index=IGNORE, label_smoothing=0.0,
+                      z_loss=0.0, reduction="mean", where=None):
+  """float64 reference written straight from the docstring's equations."""
+  z = np.asarray(jnp.asarray(logits, jnp.float32), np.float64)
+  labels = np.asarray(labels)
+  m = z.max(-1, keepdims=True)
+  lse = np.log(np.exp(z - m).sum(-1)) + m[..., 0]
+  valid = labels != ignore_index
+  if where is not None:
+    valid &= np.asarray(where)
+  z_y = np.take_along_axis(z, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+  nll = lse - z_y
+  smooth = lse - z.mean(-1)
+  loss = (1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse**2
+  loss = np.where(valid, loss, 0.0)
+  if reduction == "none":
+    return loss
+  if reduction == "sum":
+    return loss.sum()
+  return loss.sum() / max(valid.sum(), 1)
+
+
+def _batch(seed, shape=(3, 5), vocab=7, scale=3.0, n_ignored=2):
+  rng = np.random.default_rng(seed)
+  logits = (scale * rng.standard_normal(shape + (vocab,))).astype(np.float32)
+  labels = rng.integers(0, vocab, size=shape).astype(np.int32)
+  flat = labels.reshape(-1)
+  flat[rng.choice(flat.size, size=n_ignored, replace=False)] = IGNORE
+  return jnp.asarray(logits), jnp.asarray(labels)
+
+
+def _assert_close(actual, expected, rtol=1e-6, atol=1e-6):
+  chex.assert_trees_all_close(actual, jnp.asarray(expected, jnp.float32), rtol=rtol,
+                              atol=atol)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Equation.
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.0, 0.0), (0.2, 0.0), (0.0, 1e-3),
+                                                    (0.3, 1e-2), (1.0, 0.0)])
+def test_matches_numpy_reference(reduction, label_smoothing, z_loss):
+  logits, labels = _batch(0)
+  out = cross_entropy(logits, labels, label_smoothing=label_smoothing, z_loss=z_loss,
+                      reduction=reduction)
+  ref = _np_cross_entropy(logits, labels, label_smoothing=label_smoothing, z_loss=z_loss,
+                          reduction=reduction)
+  chex.assert_type(out, jnp.float32)
+  chex.assert_shape(out, labels.shape if reduction == "none" else ())
+  _assert_close(out, ref)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_where_is_like_ignore_index(reduction):
+  logits, labels = _batch(1, n_ignored=1)
+  where = np.random.default_rng(1).random(labels.shape) < 0.6
+  out = cross_entropy(logits, labels, where=where, label_smoothing=0.1, z_loss=1e-3,
+                      reduction=reduction)
+  ref = _np_cross_entropy(logits, labels, where=where, label_smoothing=0.1, z_loss=1e-3,
+                          reduction=reduction)
+  _assert_close(out, ref)
+  # Same result as writing ignore_index into the masked positions.
+  relabelled = jnp.where(jnp.asarray(where), labels, IGNORE)
+  _assert_close(out, cross_entropy(logits, relabelled, label_smoothing=0.1, z_loss=1e-3,
+                                   reduction=reduction))
+
+
+def test_custom_ignore_index_inside_vocab():
+  # A pad id inside [0, V) is a valid ignore_index (as in PyTorch).
+  logits, labels = _batch(2, n_ignored=0)
+  labels = labels.at[0, :2].set(3)
+  out = cross_entropy(logits, labels, ignore_index=3, reduction="none")
+  _assert_close(out, _np_cross_entropy(logits, labels, ignore_index=3, reduction="none"))
+  assert float(out[0, 0]) == 0.0
+
+
+@pytest.mark.parametrize("label_dtype", [jnp.uint8, jnp.int16, jnp.uint32])
+def test_narrow_and_unsigned_label_dtypes(label_dtype):
+  logits, labels = _batch(4, n_ignored=0)
+  labels = labels.at[0, 0].set(255)     # the pad id of this test
+  out = cross_entropy(logits, labels.astype(label_dtype), ignore_index=255,
+                      reduction="none")
+  _assert_close(out, _np_cross_entropy(logits, labels, ignore_index=255, reduction="none"))
+  with pytest.raises(ValueError, match="`labels`.*254"):
+    cross_entropy(logits, labels.at[0, 1].set(254).astype(label_dtype), ignore_index=255)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_low_precision_inputs_compute_in_float32(dtype, reduction):
+  logits, labels = _batch(3)
+  logits = logits.astype(dtype)
+  out = cross_entropy(logits, labels, label_smoothing=0.1, reduction=reduction)
+  chex.assert_type(out, jnp.float32)
+  chex.assert_shape(out, labels.shape if reduction == "none" else ())
+  # The reference uses the same (rounded) logits, upcast: nothing else is lost.
+  _assert_close(out, _np_cross_entropy(logits, labels, label_smoothing=0.1,
+                                       reduction=reduction))
+
+
+# ---------------------------------------------------------------------------------------
+# 2. PyTorch parity.
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.3])
+def test_pytorch_parity_values_and_grads(ndim, reduction, label_smoothing):
+  torch = pytest.importorskip("torch")
+  logits, labels = _batch(10 + ndim, n_ignored=3)
+  if ndim == 2:
+    logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+  cot = np.random.default_rng(5).standard_normal(
+      labels.shape if reduction == "none" else ()).astype(np.float32)
+
+  def jax_loss(z):
+    out = cross_entropy(z, labels, label_smoothing=label_smoothing, reduction=reduction)
+    return jnp.sum(out * cot), out
+
+  (_, out), grad = jax.value_and_grad(jax_loss, has_aux=True)(logits)
+
+  z_t = torch.tensor(np.asarray(logits), requires_grad=True)
+  # torch wants the class axis second: [B, V] or [B, V, T].
+  z_in = z_t if ndim == 2 else z_t.permute(0, 2, 1)
+  out_t = torch.nn.functional.cross_entropy(
+      z_in, torch.tensor(np.asarray(labels), dtype=torch.long), ignore_index=IGNORE,
+      label_smoothing=label_smoothing, reduction=reduction)
+  (out_t * torch.tensor(cot)).sum().backward()
+
+  _assert_close(out, out_t.detach().numpy(), rtol=1e-5, atol=1e-6)
+  _assert_close(grad, z_t.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Properties.
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1),
+       shifts=hnp.arrays(np.float32, (3, 5, 1), elements=st.floats(-50, 50, width=32)),
+       label_smoothing=st.sampled_from([0.0, 0.1, 0.5]))
+def test_shift_invariance(seed, shifts, label_smoothing):
+  logits, labels = _batch(seed)
+  shifted = logits + shifts
+  a = cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
+  b = cross_entropy(shifted, labels, label_smoothing=label_smoothing, reduction="none")
+  _assert_close(b, a, rtol=1e-5, atol=5e-5)
+
+
+def test_gradient_is_softmax_minus_onehot():
+  logits, labels = _batch(20, n_ignored=0)
+  grad = jax.grad(partial(cross_entropy, reduction="sum"))(logits, labels)
+  expected = jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(labels, logits.shape[-1])
+  _assert_close(grad, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("use_where", [False, True])
+def test_ignored_rows_have_exactly_zero_gradient(use_where):
+  logits, labels = _batch(21, n_ignored=0)
+  # Extreme, even non-finite, logits in the rows that do not count must not leak NaN.
+  logits = logits.at[0, 0].set(jnp.inf).at[1, 2].set(jnp.nan).at[2, 1].set(-jnp.inf)
+  if use_where:
+    where = jnp.ones(labels.shape, bool).at[0, 0].set(False).at[1, 2].set(False)
+    where = where.at[2, 1].set(False)
+    kwargs = dict(where=where)
+  else:
+    labels = labels.at[0, 0].set(IGNORE).at[1, 2].set(IGNORE).at[2, 1].set(IGNORE)
+    kwargs = {}
+  for reduction in ("mean", "sum"):
+    loss, grad = jax.value_and_grad(partial(
+        cross_entropy, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, **kwargs))(
+            logits, labels)
+    assert np.isfinite(float(loss))
+    chex.assert_tree_all_finite(grad)
+    for idx in [(0, 0), (1, 2), (2, 1)]:
+      np.testing.assert_array_equal(np.asarray(grad[idx]), 0.0)
+    # Counted rows do get gradient.
+    assert np.abs(np.asarray(grad[0, 1])).sum() > 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_zero_gradient(reduction):
+  logits, labels = _batch(22, n_ignored=0)
+  labels = jnp.full_like(labels, IGNORE)
+
+  def f(z):
+    return jnp.sum(cross_entropy(z, labels, reduction=reduction, z_loss=1e-2,
+                                 label_smoothing=0.1))
+
+  loss, grad = jax.value_and_grad(f)(logits)
+  chex.assert_trees_all_equal(loss, jnp.float32(0.0))
+  chex.assert_trees_all_equal(grad, jnp.zeros_like(logits))
+  # Same through `where` only.
+  where = jnp.zeros(labels.shape, bool)
+  out = cross_entropy(logits, jnp.zeros_like(labels), where=where, reduction=reduction)
+  chex.assert_trees_all_equal(jnp.sum(out), jnp.float32(0.0))
+
+
+@pytest.mark.parametrize("dtype,big", [(jnp.float32, 1e4), (jnp.bfloat16, None),
+                                       (jnp.float16, None)])
+def test_extreme_logits_are_finite(dtype, big):
+  big = float(jnp.finfo(dtype).max) if big is None else big
+  row = np.array([big, -big, 0.0, 1.0, -big, big, -1.0], np.float32)
+  logits = jnp.asarray(np.broadcast_to(row, (3, 5, 7))).astype(dtype)
+  # Targets: the +max class (loss ~log 2) everywhere but one token, which targets a
+  # moderate class (loss ~big). Two bf16-max-sized losses would overflow float32 when
+  # summed: that is the true value, not a stability bug, so only one is used.
+  labels = jnp.zeros((3, 5), jnp.int32).at[1, 2].set(3)
+  for reduction in ("mean", "none"):
+    loss, grad = jax.value_and_grad(
+        lambda z: jnp.sum(cross_entropy(z, labels, reduction=reduction)))(logits)
+    chex.assert_tree_all_finite((loss, grad))
+  per_token = cross_entropy(logits, labels, reduction="none")
+  # float32 resolves lse ~ big only to a few ulps(big): log 2 is exact up to that.
+  ulp = float(np.spacing(np.float32(big)))
+  tol = max(2 * ulp, 1e-6)
+  _assert_close(per_token[0, 0], np.log(2.0), rtol=0, atol=tol)
+  big_in = float(jnp.asarray(big, dtype).astype(jnp.float32))   # big as rounded to dtype
+  _assert_close(per_token[1, 2], big_in + np.log(2.0) - 1.0, rtol=0, atol=tol)
+  # Gradient of a +max target row is softmax - onehot = [-1/2, 0, 0, 0, 0, 1/2, 0].
+  grad = jax.grad(partial(cross_entropy, reduction="sum"))(logits, labels)
+  _assert_close(grad[0, 0].astype(jnp.float32), [-0.5, 0, 0, 0, 0, 0.5, 0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_jit_equals_eager(reduction):
+  logits, labels = _batch(23)
+  where = jnp.asarray(np.random.default_rng(23).random(labels.shape) < 0.8)
+  f = partial(cross_entropy, reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+  _assert_close(jax.jit(f)(logits, labels, where=where), f(logits, labels, where=where),
+                rtol=1e-6, atol=1e-7)
+  g = jax.grad(lambda z: jnp.sum(f(z, labels, where=where)))
+  _assert_close(jax.jit(g)(logits), g(logits), rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Bad input.
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(reduction="avg"), "reduction"),
+    (dict(label_smoothing=1.5), "label_smoothing"),
+    (dict(label_smoothing=-0.1), "label_smoothing"),
+    (dict(label_smoothing=float("nan")), "label_smoothing"),
+    (dict(z_loss=-1.0), "z_loss"),
+    (dict(ignore_index=1.5), "ignore_index"),
+])
+def test_bad_hyperparameters(kwargs, name):
+  logits, labels = _batch(30)
+  with pytest.raises(ValueError, match=f"`{name}`"):
+    cross_entropy(logits, labels, **kwargs)
+
+
+def test_bad_shapes_and_dtypes():
+  logits, labels = _batch(31)
+  with pytest.raises(ValueError, match="`labels`"):
+    cross_entropy(logits, labels[:, :-1])
+  with pytest.raises(ValueError, match="`labels`"):
+    cross_entropy(logits, labels[..., None])
+  with pytest.raises(ValueError, match="`labels`"):
+    cross_entropy(logits, labels.astype(jnp.float32))
+  with pytest.raises(ValueError, match="`logits`"):
+    cross_entropy(labels[..., None].repeat(3, -1), labels)
+  with pytest.raises(ValueError, match="`where`"):
+    cross_entropy(logits, labels, where=jnp.ones(labels.shape[:-1], bool))
+  with pytest.raises(ValueError, match="`where`"):
+    cross_entropy(logits, labels, where=jnp.ones(labels.shape, jnp.float32))
+
+
+@pytest.mark.parametrize("bad", [7, 100, -1])
+def test_out_of_range_label_raises_eagerly(bad):
+  logits, labels = _batch(32)   # vocab 7
+  labels = labels.at[1, 1].set(bad)
+  with pytest.raises(ValueError, match=rf"`labels`.*\[0, 7\).*{bad}"):
+    cross_entropy(logits, labels)
+  # Also when only the logits are traced (e.g. inside jax.grad).
+  with pytest.raises(ValueError, match="`labels`"):
+    jax.grad(cross_entropy)(logits, labels)
+  # ...but not when that position is masked out.
+  where = jnp.ones(labels.shape, bool).at[1, 1].set(False)
+  assert np.isfinite(float(cross_entropy(logits, labels, where=where)))
+
+
+def test_out_of_range_label_checkify_under_jit():
+  logits, labels = _batch(33)
+  checked = checkify.checkify(jax.jit(partial(cross_entropy, validate=True)))
+  err, out = checked(logits, labels)
+  assert err.get() is None
+  _assert_close(out, _np_cross_entropy(logits, labels))
+  err, _ = checked(logits, labels.at[0, 2].set(9))
+  with pytest.raises(checkify.JaxRuntimeError, match=r"`labels`.*\[0, 7\).*9"):
+    err.throw()
+
+
+def test_out_of_range_label_is_nan_under_jit_without_validate():
+  logits, labels = _batch(34)
+  labels = labels.at[0, 2].set(7)   # == V: a clamping gather would read class 6.
+  for reduction in ("mean", "sum"):
+    assert np.isnan(float(jax.jit(partial(cross_entropy, reduction=reduction))(
+        logits, labels)))
+  per_token = jax.jit(partial(cross_entropy, reduction="none"))(logits, labels)
+  assert np.isnan(float(per_token[0, 2]))
+  others = np.delete(np.asarray(per_token).reshape(-1), 2)
+  assert np.isfinite(others).all()
+  neg = jax.jit(cross_entropy)(logits, labels.at[0, 2].set(-1))   # would wrap to V - 1
+  assert np.isnan(float(neg))
+
+
+# ---------------------------------------------------------------------------------------
+# 5. causal_lm_loss.
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_causal_lm_loss_is_shifted_cross_entropy(reduction):
+  logits, ids = _batch(40, n_ignored=2)
+  kwargs = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+  out = causal_lm_loss(logits, ids, **kwargs)
+  _assert_close(out, cross_entropy(logits[:, :-1], ids[:, 1:], **kwargs))
+  _assert_close(out, _np_cross_entropy(logits[:, :-1], ids[:, 1:], **kwargs))
+  if reduction == "none":
+    chex.assert_shape(out, (3, 4))
+
+
+def test_causal_lm_loss_shifts_where():
+  logits, ids = _batch(41, n_ignored=0)
+  # Right padding: the last two tokens of row 1 are padding.
+  where = jnp.ones(ids.shape, bool).at[1, 3:].set(False)
+  out = causal_lm_loss(logits, ids, where=where, reduction="none")
+  _assert_close(out, cross_entropy(logits[:, :-1], ids[:, 1:], where=where[:, 1:],
+                                   reduction="none"))
+  # Predictions *of* pad tokens (tokens 3, 4 in row 1) are dropped: position 2's
+  # prediction of token 3 is one of them, position 1's prediction of token 2 is not.
+  np.testing.assert_array_equal(np.asarray(out[1, 2:]), 0.0)
+  assert float(out[1, 1]) > 0
+  _assert_close(causal_lm_loss(logits, ids, where=where),
+                _np_cross_entropy(logits[:, :-1], ids[:, 1:], where=where[:, 1:]))
+
+
+def test_causal_lm_loss_bad_input():
+  logits, ids = _batch(42, n_ignored=0)
+  with pytest.raises(ValueError, match="`input_ids`"):
+    causal_lm_loss(logits, ids[:, :-1])
+  with pytest.raises(ValueError, match="`where`"):
+    causal_lm_loss(logits, ids, where=jnp.ones((3, 4), bool))
+  with pytest.raises(ValueError, match="`input_ids`"):
+    causal_lm_loss(logits, ids.at[0, 3].set(7))
+  with pytest.raises(ValueError, match="`reduction`"):
+    causal_lm_loss(logits, ids, reduction="avg")
+  with pytest.raises(TypeError):
+    causal_lm_loss(logits, ids, label_smothing=0.1)
+  # Jitted, the single-position case has no targets: mean over nothing is 0.
+  chex.assert_trees_all_equal(jax.jit(causal_lm_loss)(logits[:, :1], ids[:, :1]),
+                              jnp.float32(0.0))
