@@ -125,6 +125,18 @@ def rmsprop(
       optax.scale_by_learning_rate(lr))
 
 
+def _adam_chain(owner: str, lr, b1, b2, eps, weight_decay, mask, *, coupled: bool, amsgrad,
+                mu_dtype, nu_dtype) -> optax.GradientTransformation:
+  """Adam's direction with decay before it (coupled L2) or after it (decoupled), then lr."""
+  _check_lr(owner, lr)
+  _check_wd(owner, weight_decay)
+  decay = _decay(weight_decay, mask)
+  direction = transforms.scale_by_adam(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype,
+                                       nu_dtype=nu_dtype)
+  parts = [*decay, direction] if coupled else [direction, *decay]
+  return optax.chain(*parts, optax.scale_by_learning_rate(lr))
+
+
 def adam(
     lr: ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
@@ -136,11 +148,8 @@ def adam(
     nu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   """torch.optim.Adam without weight decay (see ``adam_l2`` and ``adamw``)."""
-  _check_lr("adam", lr)
-  return optax.chain(
-      transforms.scale_by_adam(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype,
-                               nu_dtype=nu_dtype),
-      optax.scale_by_learning_rate(lr))
+  return _adam_chain("adam", lr, b1, b2, eps, 0.0, None, coupled=True, amsgrad=amsgrad,
+                     mu_dtype=mu_dtype, nu_dtype=nu_dtype)
 
 
 def adam_l2(
@@ -161,13 +170,8 @@ def adam_l2(
   :math:`\sqrt{v}` and large-gradient weights are barely decayed: the reason for AdamW
   (Loshchilov & Hutter, 2019). Here for comparison.
   """
-  _check_lr("adam_l2", lr)
-  _check_wd("adam_l2", weight_decay)
-  return optax.chain(
-      *_decay(weight_decay, mask),
-      transforms.scale_by_adam(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype,
-                               nu_dtype=nu_dtype),
-      optax.scale_by_learning_rate(lr))
+  return _adam_chain("adam_l2", lr, b1, b2, eps, weight_decay, mask, coupled=True,
+                     amsgrad=amsgrad, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
 
 
 def adamw(
@@ -190,13 +194,8 @@ def adamw(
   Note PyTorch's default ``weight_decay=0.01`` (optax.adamw uses 1e-4). Pass
   ``mask=weight_decay_mask`` to leave biases and norm scales undecayed.
   """
-  _check_lr("adamw", lr)
-  _check_wd("adamw", weight_decay)
-  return optax.chain(
-      transforms.scale_by_adam(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype,
-                               nu_dtype=nu_dtype),
-      *_decay(weight_decay, mask),
-      optax.scale_by_learning_rate(lr))
+  return _adam_chain("adamw", lr, b1, b2, eps, weight_decay, mask, coupled=False,
+                     amsgrad=amsgrad, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
 
 
 def lion(
