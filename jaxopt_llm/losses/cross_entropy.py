@@ -2,7 +2,7 @@
 
 ``cross_entropy`` follows ``torch.nn.functional.cross_entropy`` (ignore_index, label
 smoothing, reductions) and adds the PaLM z-loss. ``causal_lm_loss`` applies it to
-next-token prediction. The private helpers below (``_check_targets`` for argument
+next-token prediction. The private helpers below (``_validated_targets`` for argument
 checks, ``_targets`` / ``_token_log_probs`` / ``_reduce`` for masking, the safe gather
 and reductions) hold that logic once; ``metrics.py`` is built on them.
 """
@@ -50,11 +50,10 @@ def _as_mask(owner: str, where: Any, shape: tuple[int, ...]) -> jax.Array:
   return where.astype(jnp.bool_)
 
 
-def _check_targets(owner: str, logits: Any, labels: Any, *, ignore_index: int,
-                   where: Any | None, validate: bool = False,
-                   labels_name: str = "labels"
-                   ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """Validates a (logits, labels, where) triple; returns them as arrays.
+def _validated_targets(owner: str, logits: Any, labels: Any, *, ignore_index: int,
+                       where: Any | None, validate: bool = False,
+                       labels_name: str = "labels") -> _Targets:
+  """Validates a (logits, labels, where) triple and returns its ``_Targets``.
 
   Raises ValueError on bad shapes/dtypes and, when ``labels`` is concrete, on counted
   labels outside ``[0, V)``. When traced, ``validate`` adds a checkify check instead.
@@ -77,7 +76,8 @@ def _check_targets(owner: str, logits: Any, labels: Any, *, ignore_index: int,
     where = _as_mask(owner, where, labels.shape)
   vocab = logits.shape[-1]
 
-  if is_concrete(labels) and (where is None or is_concrete(where)):
+  eager = is_concrete(labels) and (where is None or is_concrete(where))
+  if eager:
     # Eager: the values are on hand, so a bad label is always an error. numpy, not jnp:
     # inside an outer jit even ops on concrete inputs would be traced.
     labels_np = np.asarray(labels)
@@ -91,15 +91,16 @@ def _check_targets(owner: str, logits: Any, labels: Any, *, ignore_index: int,
       raise ValueError(
           f"{owner}: `{labels_name}` must be in [0, {vocab}) or equal to ignore_index "
           f"({ignore_index}); got out-of-range value(s) {shown}{more}")
-  elif validate and labels.size:
-    bad = _targets(logits, labels, where, ignore_index).bad.reshape(-1)
+  t = _targets(logits, labels, where, ignore_index)
+  if validate and not eager and labels.size:
+    bad = t.bad.reshape(-1)
     first = jnp.argmax(bad)
     checkify.check(
         ~jnp.any(bad),
         f"{owner}: `{labels_name}` must be in [0, {vocab}) or equal to ignore_index "
         f"({ignore_index}); got out-of-range value {{value}} at flat index {{index}}",
         value=labels.reshape(-1)[first], index=first)
-  return logits, labels, where
+  return t
 
 
 def _targets(logits: jax.Array, labels: jax.Array, where: jax.Array | None,
@@ -145,10 +146,9 @@ def _cross_entropy(owner: str, labels_name: str, logits: Any, labels: Any, *,
   check_choice(owner, "reduction", reduction, _REDUCTIONS)
   check_real(owner, "label_smoothing", label_smoothing, lo=0.0, hi=1.0)
   check_real(owner, "z_loss", z_loss, lo=0.0)
-  logits, labels, where = _check_targets(
+  t = _validated_targets(
       owner, logits, labels, ignore_index=ignore_index, where=where, validate=validate,
       labels_name=labels_name)
-  t = _targets(logits, labels, where, ignore_index)
   log_p, lse = _token_log_probs(t)
   loss = -log_p
   # Static skips: with a Python 0.0 the extra terms are not built at all, so e.g. an

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jaxopt_llm._validation import check_int, check_real
 from jaxopt_llm.losses.cross_entropy import (
-    _check_targets, _reduce, _targets, _token_log_probs, _Targets)
+    _reduce, _token_log_probs, _Targets, _validated_targets)
 
 
 def _mean_indicator(correct: jax.Array, t: _Targets) -> jax.Array:
@@ -44,9 +44,8 @@ def perplexity(
   Returns:
     A float32 scalar.
   """
-  logits, labels, where = _check_targets("perplexity", logits, labels,
-                                         ignore_index=ignore_index, where=where)
-  t = _targets(logits, labels, where, ignore_index)
+  t = _validated_targets("perplexity", logits, labels, ignore_index=ignore_index,
+                         where=where)
   log_p, _ = _token_log_probs(t)
   return jnp.exp(_reduce(-log_p, t.valid, "mean"))
 
@@ -73,9 +72,8 @@ def token_accuracy(
   Returns:
     A float32 scalar in [0, 1].
   """
-  logits, labels, where = _check_targets("token_accuracy", logits, labels,
-                                         ignore_index=ignore_index, where=where)
-  t = _targets(logits, labels, where, ignore_index)
+  t = _validated_targets("token_accuracy", logits, labels, ignore_index=ignore_index,
+                         where=where)
   return _mean_indicator(jnp.argmax(t.logits, axis=-1) == t.labels, t)
 
 
@@ -107,9 +105,8 @@ def top_k_accuracy(
   owner = "top_k_accuracy"
   if not isinstance(k, jax.core.Tracer):
     check_int(owner, "k", k, lo=1)
-  logits, labels, where = _check_targets(owner, logits, labels,
-                                         ignore_index=ignore_index, where=where)
-  t = _targets(logits, labels, where, ignore_index)
+  t = _validated_targets(owner, logits, labels, ignore_index=ignore_index,
+                         where=where)
   z_y = jnp.take_along_axis(t.logits, t.labels[..., None], axis=-1)
   rank = jnp.sum(t.logits > z_y, axis=-1)
   return _mean_indicator(rank < k, t)
@@ -152,9 +149,8 @@ def length_normalized_score(
   if jnp.ndim(labels) < 1:
     raise ValueError(f"{owner}: `labels` must have a time axis ([..., T]), got shape "
                      f"{jnp.shape(labels)}")
-  logits, labels, where = _check_targets(owner, logits, labels,
-                                         ignore_index=ignore_index, where=where)
-  t = _targets(logits, labels, where, ignore_index)
+  t = _validated_targets(owner, logits, labels, ignore_index=ignore_index,
+                         where=where)
   log_p, _ = _token_log_probs(t)
   total = jnp.sum(log_p, axis=-1)
   n = jnp.sum(t.valid, axis=-1, dtype=jnp.float32)
