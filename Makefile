@@ -1,5 +1,5 @@
 # The two commands of the README. Each creates .venv and installs what it needs if missing.
-#   make run    the main job: train small models with our optimizers and schedules
+#   make run    the main job: train the tiny GPT on the embedded corpus (jaxopt-llm train)
 #   make test   the whole test suite (what CI runs, through .ci/run)
 PYTHON ?= python3
 VENV   := .venv
@@ -9,10 +9,10 @@ STAMP  := $(VENV)/.installed-stamp
 .PHONY: run test parity clean
 
 run: $(STAMP)
-	$(PY) examples/demo.py
+	$(VENV)/bin/jaxopt-llm train
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 # PyTorch parity table of every optimizer (also part of `make test`).
 parity: $(STAMP)

@@ -2,9 +2,10 @@
 
 ``cross_entropy`` follows ``torch.nn.functional.cross_entropy`` (ignore_index, label
 smoothing, reductions) and adds the PaLM z-loss. ``causal_lm_loss`` applies it to
-next-token prediction. The private helpers below (``_validated_targets`` for argument
-checks, ``_targets`` / ``_token_log_probs`` / ``_reduce`` for masking, the safe gather
-and reductions) hold that logic once; ``metrics.py`` is built on them.
+next-token prediction. The private helpers below (``_validated_targets`` /
+``_validated_labels`` for argument checks, ``_mask`` / ``_token_log_probs`` / ``_reduce``
+for masking, the safe gather and reductions) hold that logic once; ``metrics.py`` and
+``fused.py`` are built on them.
 """
 from __future__ import annotations
 
@@ -59,22 +60,38 @@ def _validated_targets(owner: str, logits: Any, labels: Any, *, ignore_index: in
   labels outside ``[0, V)``. When traced, ``validate`` adds a checkify check instead.
   """
   logits = jnp.asarray(logits)
-  labels = jnp.asarray(labels)
   _check_logits(owner, "logits", logits)
+  valid, safe_labels, bad = _validated_labels(
+      owner, labels, logits.shape[:-1], logits.shape[-1], ignore_index=ignore_index,
+      where=where, validate=validate, labels_name=labels_name,
+      shape_name="logits.shape[:-1]")
+  return _Targets(_masked_logits(logits, valid), safe_labels, valid, bad)
+
+
+def _validated_labels(owner: str, labels: Any, shape: tuple[int, ...], vocab: int, *,
+                      ignore_index: int, where: Any | None, validate: bool,
+                      labels_name: str, shape_name: str,
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The label half of ``_validated_targets``: returns ``_mask``'s (valid, labels, bad).
+
+  Needs only the vocabulary size, not the logits, so the fused loss (which never holds
+  the logits) validates exactly like ``cross_entropy``. ``shape_name`` says where the
+  expected ``shape`` comes from in the error message.
+  """
+  labels = jnp.asarray(labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f"{owner}: `{labels_name}` must be an integer array, got dtype "
                      f"{labels.dtype}")
-  if logits.shape[:-1] != labels.shape:
+  if tuple(shape) != labels.shape:
     raise ValueError(
-        f"{owner}: `{labels_name}` must have shape logits.shape[:-1] = "
-        f"{logits.shape[:-1]}, got {labels.shape}")
+        f"{owner}: `{labels_name}` must have shape {shape_name} = "
+        f"{tuple(shape)}, got {labels.shape}")
   check_int(owner, "ignore_index", ignore_index)
   # Signed and at least 32-bit, so comparisons with a negative ignore_index or with V
   # cannot overflow; a huge unsigned label wraps to a negative, still out-of-range value.
   labels = labels.astype(jnp.int64 if labels.dtype.itemsize == 8 else jnp.int32)
   if where is not None:
     where = _as_mask(owner, where, labels.shape)
-  vocab = logits.shape[-1]
 
   eager = is_concrete(labels) and (where is None or is_concrete(where))
   if eager:
@@ -91,33 +108,35 @@ def _validated_targets(owner: str, logits: Any, labels: Any, *, ignore_index: in
       raise ValueError(
           f"{owner}: `{labels_name}` must be in [0, {vocab}) or equal to ignore_index "
           f"({ignore_index}); got out-of-range value(s) {shown}{more}")
-  t = _targets(logits, labels, where, ignore_index)
+  valid, safe_labels, bad = _mask(labels, where, ignore_index, vocab)
   if validate and not eager and labels.size:
-    bad = t.bad.reshape(-1)
-    first = jnp.argmax(bad)
+    bad_flat = bad.reshape(-1)
+    first = jnp.argmax(bad_flat)
     checkify.check(
-        ~jnp.any(bad),
+        ~jnp.any(bad_flat),
         f"{owner}: `{labels_name}` must be in [0, {vocab}) or equal to ignore_index "
         f"({ignore_index}); got out-of-range value {{value}} at flat index {{index}}",
         value=labels.reshape(-1)[first], index=first)
-  return t
+  return valid, safe_labels, bad
 
 
-def _targets(logits: jax.Array, labels: jax.Array, where: jax.Array | None,
-             ignore_index: int) -> _Targets:
-  """Float32 logits and safe gather indices; the one place masking is decided."""
-  vocab = logits.shape[-1]
+def _mask(labels: jax.Array, where: jax.Array | None, ignore_index: int,
+          vocab: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The one place masking is decided: (valid, safe gather index, bad) per token."""
   valid = labels != ignore_index
   if where is not None:
     valid = valid & where
   in_range = (labels >= 0) & (labels < vocab)
-  # Zero the rows that do not count *before* any math: their (possibly inf/NaN) logits
-  # then cannot leak NaN into the value or, through 0 * NaN, into the gradient.
-  logits32 = jnp.where(valid[..., None], logits.astype(jnp.float32), 0.0)
   # The gather index is always in range: a plain gather would clamp or wrap a bad index
   # into a plausible-looking finite loss; ``bad`` marks those tokens for NaN instead.
   safe_labels = jnp.where(valid & in_range, labels, 0).astype(jnp.int32)
-  return _Targets(logits32, safe_labels, valid, valid & ~in_range)
+  return valid, safe_labels, valid & ~in_range
+
+
+def _masked_logits(logits: jax.Array, valid: jax.Array) -> jax.Array:
+  # Zero the rows that do not count *before* any math: their (possibly inf/NaN) logits
+  # then cannot leak NaN into the value or, through 0 * NaN, into the gradient.
+  return jnp.where(valid[..., None], logits.astype(jnp.float32), 0.0)
 
 
 def _token_log_probs(t: _Targets) -> tuple[jax.Array, jax.Array]:

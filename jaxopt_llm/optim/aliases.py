@@ -21,6 +21,7 @@ import jax
 import optax
 
 from jaxopt_llm._validation import check_real
+from jaxopt_llm.optim import fused as _fused
 from jaxopt_llm.optim import transforms
 from jaxopt_llm.optim.transforms import _is_static_zero
 
@@ -126,10 +127,16 @@ def rmsprop(
 
 
 def _adam_chain(owner: str, lr, b1, b2, eps, weight_decay, mask, *, coupled: bool, amsgrad,
-                mu_dtype, nu_dtype) -> optax.GradientTransformation:
-  """Adam's direction with decay before it (coupled L2) or after it (decoupled), then lr."""
+                mu_dtype, nu_dtype, fused: bool = True) -> optax.GradientTransformation:
+  """Adam's direction with decay before it (coupled L2) or after it (decoupled), then lr.
+
+  ``fused=True``: the same chain as one transformation, one pass per leaf (``fused.py``).
+  """
   _check_lr(owner, lr)
   _check_wd(owner, weight_decay)
+  if fused:
+    return _fused.fused_adam(lr, b1, b2, eps, weight_decay, mask, coupled=coupled,
+                             amsgrad=amsgrad, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
   decay = _decay(weight_decay, mask)
   direction = transforms.scale_by_adam(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype,
                                        nu_dtype=nu_dtype)
@@ -146,10 +153,11 @@ def adam(
     amsgrad: bool = False,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
+    fused: bool = True,
 ) -> optax.GradientTransformation:
   """torch.optim.Adam without weight decay (see ``adam_l2`` and ``adamw``)."""
   return _adam_chain("adam", lr, b1, b2, eps, 0.0, None, coupled=True, amsgrad=amsgrad,
-                     mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+                     mu_dtype=mu_dtype, nu_dtype=nu_dtype, fused=fused)
 
 
 def adam_l2(
@@ -163,6 +171,7 @@ def adam_l2(
     amsgrad: bool = False,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
+    fused: bool = True,
 ) -> optax.GradientTransformation:
   r"""Adam with *coupled* L2 decay, ``torch.optim.Adam(weight_decay=...)``.
 
@@ -171,7 +180,7 @@ def adam_l2(
   (Loshchilov & Hutter, 2019). Here for comparison.
   """
   return _adam_chain("adam_l2", lr, b1, b2, eps, weight_decay, mask, coupled=True,
-                     amsgrad=amsgrad, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+                     amsgrad=amsgrad, mu_dtype=mu_dtype, nu_dtype=nu_dtype, fused=fused)
 
 
 def adamw(
@@ -185,6 +194,7 @@ def adamw(
     amsgrad: bool = False,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
+    fused: bool = True,
 ) -> optax.GradientTransformation:
   r"""AdamW (Loshchilov & Hutter, 2019) with torch.optim.AdamW's defaults and arithmetic.
 
@@ -193,9 +203,15 @@ def adamw(
 
   Note PyTorch's default ``weight_decay=0.01`` (optax.adamw uses 1e-4). Pass
   ``mask=weight_decay_mask`` to leave biases and norm scales undecayed.
+
+  ``fused=True`` (default) returns one transformation that computes decay, moments and lr
+  scaling in one pass per leaf, bitwise equal to (and with the state of) the reference
+  ``optax.chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)`` that
+  ``fused=False`` returns. For the fastest CPU step use ``jaxopt_llm.optim.update_and_apply``
+  (see ``jaxopt_llm/optim/fused.py``).
   """
   return _adam_chain("adamw", lr, b1, b2, eps, weight_decay, mask, coupled=False,
-                     amsgrad=amsgrad, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+                     amsgrad=amsgrad, mu_dtype=mu_dtype, nu_dtype=nu_dtype, fused=fused)
 
 
 def lion(
@@ -206,6 +222,7 @@ def lion(
     mask: MaskOrFn = None,
     *,
     mu_dtype: Optional[Any] = None,
+    fused: bool = True,
 ) -> optax.GradientTransformation:
   r"""Lion (Chen et al., 2023) with the official defaults and update order.
 
@@ -215,10 +232,60 @@ def lion(
 
   The sign makes every coordinate move by exactly ``lr``: use a learning rate 3-10x smaller
   and a weight decay 3-10x larger than for AdamW (the paper's advice).
+
+  ``fused=True`` (default): one pass per leaf, bitwise equal to (and with the state of) the
+  reference chain that ``fused=False`` returns.
   """
   _check_lr("lion", lr)
   _check_wd("lion", weight_decay)
+  if fused:
+    return _fused.fused_lion(lr, b1, b2, weight_decay, mask, mu_dtype=mu_dtype)
   return optax.chain(
       transforms.scale_by_lion(b1, b2, mu_dtype=mu_dtype),
+      *_decay(weight_decay, mask),
+      optax.scale_by_learning_rate(lr))
+
+
+def sophia(
+    lr: ScalarOrSchedule = 1e-4,
+    b1: float = 0.965,
+    b2: float = 0.99,
+    rho: float = 0.04,
+    weight_decay: ScalarOrSchedule = 0.1,
+    eps: float = 1e-15,
+    mask: MaskOrFn = None,
+    *,
+    mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
+    fused: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Sophia (Liu et al., 2023) with the official ``SophiaG`` defaults and update rule.
+
+  .. math::
+    p \leftarrow p(1 - lr_t\,wd);\quad m \leftarrow b_1 m + (1-b_1) g;\quad
+    p \leftarrow p - lr_t \operatorname{sign}(m)\min\!\left(\frac{|m|}{\rho\,h + \epsilon},
+    1\right)
+
+  Pass a Hessian-diagonal estimate as an extra argument, ``tx.update(grads, state, params,
+  hessian=H)``, every ``k`` steps (the official recipe: k=10, Gauss-Newton-Bartlett); it is
+  folded into ``h = b2*h + (1-b2)*H`` *after* the step. ``jaxopt_llm.optim.hessian`` has the
+  estimators and ``update_every_k``, which runs the estimator only every k steps inside one
+  jitted step. Until the first estimate ``h = 0`` and Sophia is sign momentum (every
+  coordinate moves by ``lr``). The estimate carries the token batch size (GNB returns
+  ``B * g**2``), where the official code multiplies ``rho * bs * h``; negative curvature is
+  treated as zero. See ``scale_by_sophia`` for these details.
+
+  The sign-like step moves each coordinate by at most ``lr``: like Lion, Sophia wants a
+  smaller lr than AdamW. Monitor ``sophia_win_rate(state)`` (fraction of coordinates not
+  clipped; the paper keeps it around 0.1-0.5 by tuning ``rho``) and
+  ``sophia_hessian_norm(state)``.
+  """
+  _check_lr("sophia", lr)
+  _check_wd("sophia", weight_decay)
+  if fused:  # one pass per leaf, bitwise equal to the chain below (fused.py)
+    return _fused.fused_sophia(lr, b1, b2, rho, weight_decay, eps, mask, mu_dtype=mu_dtype,
+                               nu_dtype=nu_dtype)
+  return optax.chain(
+      transforms.scale_by_sophia(b1, b2, rho, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
       *_decay(weight_decay, mask),
       optax.scale_by_learning_rate(lr))

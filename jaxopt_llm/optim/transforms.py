@@ -42,10 +42,48 @@ def _zeros_like(params: optax.Params, dtype: Optional[Any]) -> optax.Updates:
       lambda p: jnp.zeros(p.shape, dtype=dtype or _compute_dtype(p)), params)
 
 
+def _store(x: jax.Array, dtype: Any, *, keep_nonzero: bool = False) -> jax.Array:
+  """``x.astype(dtype)`` that saturates instead of overflowing to inf (fp16 state storage).
+
+  With ``keep_nonzero`` (second moments, which are >= 0) a positive value that would round
+  to zero is stored as the smallest positive number of ``dtype`` instead: in fp16 (and so
+  for ``nu_dtype=float16``) any v < 6e-8 underflows, while the first moment m it pairs with
+  may not, and m / (sqrt(0) + eps) then overflows the fp16 update. A no-op (no extra op)
+  when ``dtype`` is ``x``'s own dtype, i.e. for the default fp32 state.
+  """
+  dtype = jnp.dtype(dtype)
+  if (dtype == x.dtype or not jnp.issubdtype(dtype, jnp.floating)
+      or not jnp.issubdtype(x.dtype, jnp.floating)):
+    return x.astype(dtype)
+  # Only a narrower exponent range (fp16, not bf16) needs the guards: no extra ops for bf16.
+  to, frm = jnp.finfo(dtype), jnp.finfo(x.dtype)
+  if to.maxexp < frm.maxexp:
+    x = jnp.clip(x, -float(to.max), float(to.max))
+  y = x.astype(dtype)
+  if keep_nonzero and to.minexp > frm.minexp:
+    tiny = jnp.asarray(to.smallest_subnormal, dtype)
+    y = jnp.where((y == 0) & (x > 0), tiny, y)
+  return y
+
+
 def _cast_tree(tree: optax.Updates, dtype: Optional[Any],
-               like: optax.Updates) -> optax.Updates:
-  """Stores ``tree`` in ``dtype`` (or the dtype it had in ``like``)."""
-  return jax.tree.map(lambda t, l: t.astype(dtype or l.dtype), tree, like)
+               like: optax.Updates, *, keep_nonzero: bool = False) -> optax.Updates:
+  """Stores ``tree`` in ``dtype`` (or the dtype it had in ``like``), see ``_store``."""
+  return jax.tree.map(
+      lambda t, l: _store(t, dtype or l.dtype, keep_nonzero=keep_nonzero), tree, like)
+
+
+def _safe_div(num: jax.Array, den: jax.Array, eps: Any) -> jax.Array:
+  """``num / den``, with 0 where ``den == 0`` unless ``eps`` is a Python number > 0.
+
+  Adam's denominator ``sqrt(v) + eps`` is 0 only when eps is 0 (or injected as an array) and
+  v is 0, i.e. for an all-zero gradient history, whose step is 0 (not 0/0 = NaN as in
+  torch.optim.Adam(eps=0)). With a literal eps > 0 this is a plain division. NaN stays NaN.
+  """
+  if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0:
+    return num / den
+  zero = den == 0
+  return jnp.where(zero, jnp.zeros_like(num), num / jnp.where(zero, 1.0, den))
 
 
 def _increment(count: jax.Array) -> jax.Array:
@@ -109,7 +147,10 @@ def scale_by_adam(
   Moments start at zero. The moments are computed in float32 and stored in ``mu_dtype`` /
   ``nu_dtype`` (default: the parameter dtype promoted to float32), so bf16 storage halves the
   state without changing the arithmetic. Because the arithmetic is float32, the default
-  ``eps=1e-8`` does not underflow for fp16 parameters.
+  ``eps=1e-8`` does not underflow for fp16 parameters. fp16-safe storage: moments saturate at
+  the storage dtype's max instead of becoming inf, a positive second moment never rounds to
+  0 (``nu_dtype=float16`` underflows below 6e-8), and with ``eps=0`` an all-zero gradient
+  history gives a 0 step, not 0/0.
 
   Args:
     b1: decay of the first moment, in [0, 1).
@@ -152,15 +193,16 @@ def scale_by_adam(
       denom_src = nu
 
     def direction(m, v, g):
-      u = (m / bc1) / (jnp.sqrt(v) / bc2_sqrt + eps)
+      u = _safe_div(m / bc1, jnp.sqrt(v) / bc2_sqrt + eps, eps)
       return u.astype(g.dtype)
 
     new_updates = jax.tree.map(direction, mu, denom_src, updates)
     return new_updates, ScaleByAdamState(
         count=count,
         mu=_cast_tree(mu, mu_dtype, state.mu),
-        nu=_cast_tree(nu, nu_dtype, state.nu),
-        nu_max=None if nu_max is None else _cast_tree(nu_max, nu_dtype, state.nu_max))
+        nu=_cast_tree(nu, nu_dtype, state.nu, keep_nonzero=True),
+        nu_max=None if nu_max is None else _cast_tree(nu_max, nu_dtype, state.nu_max,
+                                                      keep_nonzero=True))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -398,3 +440,157 @@ def scale_by_rmsprop(
         momentum_buffer=buf)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Sophia (official SophiaG rule)
+
+
+class ScaleBySophiaState(NamedTuple):
+  """State of ``scale_by_sophia``.
+
+  ``win_rate`` is written by every update for logging (see ``jaxopt_llm.optim.sophia_win_rate``
+  and ``sophia_hessian_norm``, which find this state anywhere inside a chain).
+  """
+  count: chex.Array  # int32, number of updates applied so far
+  mu: optax.Updates  # momentum m (EMA of gradients, no bias correction)
+  hessian: optax.Updates  # h, EMA of the Hessian-diagonal estimates (stored in nu_dtype)
+  hessian_count: chex.Array  # int32, number of estimates folded into h so far
+  win_rate: chex.Array  # float32, fraction of coordinates NOT clipped by the last update
+
+
+def _sophia_direction(m: jax.Array, h: jax.Array, rho: Any,
+                      eps: Any) -> tuple[jax.Array, jax.Array]:
+  """``sign(m) * min(|m| / (rho * max(h, 0) + eps), 1)`` and the not-clipped mask.
+
+  Written as a select so that no 0/0 or x/0 is ever evaluated: when |m| >= denominator the
+  ratio is exactly 1 (as min(., 1) gives), otherwise the denominator is > |m| >= 0.
+  ``h > 0`` is False for negative, zero and NaN curvature, which all count as zero.
+  """
+  a = jnp.abs(m)
+  denom = rho * jnp.where(h > 0, h, jnp.zeros_like(h)) + eps
+  kept = a < denom
+  ratio = jnp.where(kept, a / jnp.where(kept, denom, jnp.ones_like(denom)), 1.0)
+  return jnp.sign(m) * ratio, kept
+
+
+def scale_by_sophia(
+    b1: float = 0.965,
+    b2: float = 0.99,
+    rho: float = 0.04,
+    eps: float = 1e-15,
+    *,
+    mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Sophia's clipped, preconditioned direction (Liu et al., 2023, official ``SophiaG``).
+
+  .. math::
+    m_t = b_1 m_{t-1} + (1-b_1) g_t \\
+    u_t = \operatorname{sign}(m_t)\,\min\!\left(\frac{|m_t|}{\rho\,\max(h_{t-1}, 0)
+          + \epsilon},\ 1\right) \\
+    h_t = b_2 h_{t-1} + (1-b_2) \hat H_t \quad\text{only when an estimate } \hat H_t
+    \text{ is passed, else } h_t = h_{t-1}
+
+  ``update(updates, state, params=None, *, hessian=None)``: ``hessian`` (an extra argument, so
+  that ``optax.chain`` forwards it) is a pytree like the params holding a fresh estimate
+  :math:`\hat H_t` of the Hessian diagonal (see ``jaxopt_llm.optim.hessian``). It is folded
+  into the EMA *after* the step, as the official code calls ``update_hessian()`` after
+  ``step()``: this step uses the previous EMA. Absent or ``None``: ``h`` is unchanged.
+
+  Departures from the official code, all deliberate:
+
+  * **The batch size lives in the estimate.** Official SophiaG stores EMA(g_hat**2) and
+    multiplies by the token batch size ``bs`` in the denominator (``rho * bs * h``). Here the
+    Gauss-Newton-Bartlett estimator returns ``B * g_hat**2`` (B = number of tokens), so the
+    rule is ``rho * h``. Both give the same step for the same B; ours also stays right when
+    B changes between estimates (each estimate carries its own B) and lets Hutchinson
+    estimates (which have no B) use the same rule.
+  * **Negative or NaN curvature counts as zero**: the denominator uses ``max(h, 0)``. The
+    official formula (written for GNB, whose estimates are >= 0) gives a negative, unbounded
+    ratio for ``rho*h + eps < 0``; Hutchinson estimates can be negative. With ``max(h, 0)``
+    such a coordinate takes the full clipped step ``sign(m)``, which is what the paper's
+    ``max(gamma*h, eps)`` denominator gives and what the official ``SophiaH`` (Hutchinson)
+    does with ``relu(hess)``. For ``h >= 0`` the rule equals the official SophiaG one.
+    Every coordinate moves by at most ``lr`` (plus weight decay), whatever ``h`` holds; no
+    0/0 is evaluated, so no NaN is produced even with ``eps=0``. ``h = +inf`` freezes that
+    coordinate (the limit of the rule); a non-finite estimate stays visible in the stored
+    EMA, and so in ``sophia_hessian_norm``.
+  * **Before the first estimate** ``h = 0`` and the step is ``sign(m)`` (times ``lr``): sign
+    momentum, like the official code, whose first estimate arrives after ``k`` steps.
+
+  The state records ``win_rate``, the fraction of coordinates with ``|m| < rho*max(h,0) +
+  eps`` (not clipped) in the last update, for monitoring.
+
+  Args:
+    b1: decay of the momentum, in [0, 1).
+    b2: decay of the Hessian EMA, in [0, 1).
+    rho: the clipping threshold :math:`\rho` (``gamma`` in the paper), >= 0.
+    eps: added to the denominator, >= 0.
+    mu_dtype: storage dtype of the momentum (arithmetic stays float32).
+    nu_dtype: storage dtype of the Hessian EMA (the second-moment slot, named as in Adam).
+  """
+  owner = "scale_by_sophia"
+  check_real(owner, "b1", b1, lo=0.0, hi=1.0, hi_open=True)
+  check_real(owner, "b2", b2, lo=0.0, hi=1.0, hi_open=True)
+  check_real(owner, "rho", rho, lo=0.0)
+  check_real(owner, "eps", eps, lo=0.0)
+  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
+
+  def init_fn(params):
+    return ScaleBySophiaState(
+        count=jnp.zeros([], jnp.int32),
+        mu=_zeros_like(params, mu_dtype),
+        hessian=_zeros_like(params, nu_dtype),
+        hessian_count=jnp.zeros([], jnp.int32),
+        win_rate=jnp.zeros([], _F32))
+
+  def fold(h, est):
+    """One EMA step of ``h`` with the estimate; MaskedNode (inside optax.masked) stays."""
+    if isinstance(h, optax.MaskedNode):
+      return h
+    est = jnp.asarray(est)
+    if est.shape != h.shape:
+      raise ValueError(
+          f"{owner}: each `hessian` leaf must have its parameter's shape {h.shape}, got "
+          f"{est.shape}")
+    new = b2 * _up(h) + (1.0 - b2) * est.astype(_compute_dtype(h))
+    return new.astype(h.dtype)
+
+  def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
+    del params, extra_args
+    mu = jax.tree.map(lambda m, g: b1 * _up(m) + (1.0 - b1) * _up(g), state.mu, updates)
+    # Two maps over the same expression (XLA computes it once): a map returning tuples
+    # would be ambiguous when the params themselves are tuples.
+    direction = jax.tree.map(
+        lambda m, h, g: _sophia_direction(m, _up(h), rho, eps)[0].astype(g.dtype),
+        mu, state.hessian, updates)
+    kept = jax.tree.leaves(jax.tree.map(
+        lambda m, h: _sophia_direction(m, _up(h), rho, eps)[1], mu, state.hessian))
+    total = sum(k.size for k in kept)
+    win_rate = (sum(jnp.sum(k, dtype=_F32) for k in kept) / max(total, 1)
+                if kept else jnp.zeros([], _F32))
+
+    if hessian is None:
+      h, hessian_count = state.hessian, state.hessian_count
+    else:
+      try:
+        h = jax.tree.map(fold, state.hessian, hessian,
+                         is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+      except (ValueError, TypeError) as e:
+        if str(e).startswith(owner):
+          raise
+        raise ValueError(
+            f"{owner}: `hessian` must be a pytree with the parameters' structure "
+            f"({jax.tree.structure(state.hessian)}), got {jax.tree.structure(hessian)}"
+        ) from e
+      hessian_count = _increment(state.hessian_count)
+    return direction, ScaleBySophiaState(
+        count=_increment(state.count),
+        mu=_cast_tree(mu, mu_dtype, state.mu),
+        hessian=h,
+        hessian_count=hessian_count,
+        win_rate=jnp.asarray(win_rate, _F32))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,404 @@
+r"""Hessian-diagonal estimators for Sophia, the every-k train-step helper, and monitors.
+
+Sophia (Liu et al., 2023, "Sophia: A Scalable Stochastic Second-order Optimizer for Language
+Model Pre-training") preconditions its momentum by an EMA ``h`` of Hessian-diagonal estimates,
+refreshed every ``k`` steps (k=10 in the paper). Two estimators:
+
+* ``gauss_newton_bartlett`` (GNB, the official SophiaG's): sample labels from the model's own
+  softmax, take the gradient ``g_hat`` of the mean cross-entropy on those labels, return
+  ``B * g_hat**2`` with B the number of tokens. With ``J_b`` the Jacobian of token b's logits
+  and ``S_b = diag(p_b) - p_b p_b^T`` the Hessian of CE in the logits, Bartlett's second
+  identity (the sampled residual ``p_b - onehot(y_b)`` has mean 0 and covariance ``S_b``,
+  independently over tokens) gives ``E[B * g_hat**2] = diag((1/B) sum_b J_b^T S_b J_b)``:
+  the diagonal of the Gauss-Newton matrix of the mean loss. Always >= 0.
+* ``hutchinson``: ``u * (H u)`` with ``E[u u^T] = I`` (Rademacher or Gaussian ``u``) is an
+  unbiased estimate of ``diag(H)`` for any twice-differentiable loss; it can be negative.
+
+Both are pure functions of a closure (``logits_fn(params)`` / ``loss_fn(params)``) and the
+params, jit-able, and work on any pytree of params (a dict, a Flax ``nnx.State``...). With
+``axis_name`` (inside ``pmap`` / ``shard_map`` over a data axis) every device returns the same,
+global estimate: the one a single device would compute on the whole batch.
+
+The every-k recipe, inside ONE jitted train step::
+
+  tx = optim.sophia(lr, rho=0.04, weight_decay=0.1)
+
+  @jax.jit
+  def train_step(params, opt_state, batch, key, step):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    estimate = lambda p: hessian.gauss_newton_bartlett(
+        lambda q: model_apply(q, batch["inputs"]), p, key, where=batch.get("mask"))
+    updates, opt_state = hessian.update_every_k(
+        tx, grads, opt_state, params, step=step, estimate_fn=estimate, k=10)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+``update_every_k`` branches with ``lax.cond`` on ``step % k == 0``: on the other k-1 steps the
+estimator's forward and backward pass is not executed at all, so they cost what an AdamW-like
+step costs. The estimate is taken at the current params and folded into ``h`` after this
+step's update (the official code estimates right after its step k-1, 2k-1, ...; the
+difference is one step's movement of the params). Before the first estimate ``h = 0`` and the
+update is ``lr * sign(m)`` (sign momentum). With ``optax.MultiSteps`` pass the estimate on
+the micro-step that applies the update (MultiSteps discards the inner state of the others).
+For a Flax ``nnx.Optimizer`` the same branch is an ``nnx.cond`` inside ``nnx.jit``::
+
+  def with_estimate(opt, model):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    h = hessian.gauss_newton_bartlett(lambda q: nnx.merge(graphdef, q, rest)(x), params, key)
+    opt.update(model, grads, hessian=h)
+
+  def without_estimate(opt, model):  # returns None too: cond branches must match
+    opt.update(model, grads)
+
+  nnx.cond(hessian.is_estimate_step(step, 10), with_estimate, without_estimate,
+           optimizer, model)
+
+Monitoring: ``sophia_win_rate(opt_state)`` (fraction of coordinates not clipped in the last
+update) and ``sophia_hessian_norm(opt_state)`` find the Sophia state anywhere in an optax
+state (chain, ``inject_hyperparams``, ``masked``, ``MultiSteps``, an ``nnx.Optimizer``'s
+``opt_state``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxopt_llm._validation import check_choice, check_int, check_real
+from jaxopt_llm.optim.transforms import ScaleBySophiaState
+
+AxisName = Optional[Union[str, Sequence[str]]]
+_F32 = jnp.float32
+_DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+def _wide(x: jax.Array) -> jax.Array:
+  """float32 for half precision, float64 kept when x64 is on."""
+  return x.astype(jnp.promote_types(x.dtype, _F32))
+
+
+def _axis(axis_name: AxisName) -> Any:
+  return tuple(axis_name) if isinstance(axis_name, (list, tuple)) else axis_name
+
+
+def _varying_axes(x: Any) -> frozenset:
+  aval = jax.typeof(x)
+  kind = getattr(aval, "manual_axis_type", None)
+  if kind is not None:
+    return frozenset(kind.varying)
+  return frozenset(getattr(aval, "vma", ()))
+
+
+def _as_varying(tree: Any, axis: Any) -> Any:
+  """Marks every leaf as device-varying over ``axis`` (where it is not already).
+
+  Under ``shard_map`` (which tracks varying axes), differentiating a per-device loss with
+  respect to *replicated* params makes JAX insert the psum itself: the gradient would come
+  back already summed, and our explicit psum/pmean would count it ``n_devices`` times. With
+  the params cast to varying, the gradient is the local one on every backend (``pmap`` and
+  ``check_vma=False`` do not track, and the cast is a no-op there), and the reduction is ours.
+  """
+  axes = axis if isinstance(axis, tuple) else (axis,)
+  cast = getattr(jax.lax, "pcast", None)
+
+  def one(x):
+    missing = tuple(a for a in axes if a not in _varying_axes(x))
+    if not missing:
+      return x
+    if cast is not None:
+      return cast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)  # older JAX
+
+  return jax.tree.map(one, tree)
+
+
+# --------------------------------------------------------------------------------------------
+# Estimators
+
+
+def gauss_newton_bartlett(
+    logits_fn: Callable[[Any], jax.Array],
+    params: Any,
+    key: jax.Array,
+    *,
+    where: Optional[jax.Array] = None,
+    axis_name: AxisName = None,
+    clip_norm: Optional[float] = None,
+) -> Any:
+  r"""Gauss-Newton-Bartlett estimate of the Hessian diagonal (Sophia's Algorithm 2).
+
+  .. math::
+    \hat y_b \sim \operatorname{softmax}(z_b),\qquad
+    \hat g = \nabla_\theta \frac{1}{B}\sum_{b} \operatorname{CE}(z_b(\theta), \hat y_b),
+    \qquad \hat H = B\,\hat g \odot \hat g
+
+  with B the number of counted tokens. The labels are sampled with ``key`` from the
+  (stop-gradient) softmax of the model's own logits, so :math:`\mathbb E[\hat H]` is the
+  diagonal of the Gauss-Newton matrix of the mean loss, whatever the true labels.
+  It costs one forward and one backward pass (a ``jax.vjp`` of ``logits_fn`` with the
+  closed-form cotangent ``(softmax(z) - onehot(y_hat)) / B``), like one training step.
+
+  The official code returns EMA(g_hat**2) and multiplies by the batch size in the optimizer;
+  returning ``B * g_hat**2`` here lets ``sophia`` use ``rho * h`` (see ``scale_by_sophia``).
+
+  Args:
+    logits_fn: ``params -> logits`` of shape ``[..., V]`` (a closure over the inputs).
+    params: the point at which to estimate (any pytree of float arrays).
+    key: PRNG key for the label sampling. With ``axis_name`` pass the same key on every
+      device: it is folded with the device index so that devices sample independently.
+    where: optional boolean (or 0/1 integer) mask of shape ``logits.shape[:-1]``: True where a
+      token counts (padding excluded). Default: every token counts.
+    axis_name: the data-parallel axis (or axes) when called under ``pmap`` / ``shard_map``:
+      the gradient and B are summed over devices, so every device returns the same global
+      estimate. Devices may hold different numbers of counted tokens. The params may be
+      replicated (``P()`` under ``shard_map``): the local gradient is taken with respect to
+      a device-varying copy, so JAX's automatic psum for replicated inputs cannot count it
+      twice.
+    clip_norm: if given (> 0), ``g_hat`` is first clipped to this global L2 norm, as
+      ``torch.nn.utils.clip_grad_norm_`` does (scale ``min(1, clip_norm / (|g_hat| +
+      1e-6))``): the official ``train_sophiag.py`` clips the sampled-label gradient with its
+      ``grad_clip`` before ``update_hessian()``. Default: no clipping.
+
+  Returns:
+    A pytree like ``params`` (float32, or wider) of estimates >= 0. All tokens masked out
+    gives zeros (not NaN).
+  """
+  owner = "gauss_newton_bartlett"
+  if clip_norm is not None:
+    check_real(owner, "clip_norm", clip_norm, lo=0.0, lo_open=True)
+  if not callable(logits_fn):
+    raise ValueError(f"{owner}: `logits_fn` must be callable params -> logits, got "
+                     f"{type(logits_fn).__name__}")
+  axis = _axis(axis_name)
+  if axis is not None:
+    params = _as_varying(params, axis)
+  logits, vjp_fn = jax.vjp(logits_fn, params)
+  if not hasattr(logits, "dtype") or not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise ValueError(f"{owner}: `logits_fn` must return a floating array [..., V], got "
+                     f"{getattr(logits, 'dtype', type(logits).__name__)}")
+  if logits.ndim < 1 or logits.shape[-1] < 1:
+    raise ValueError(f"{owner}: `logits_fn` must return logits of shape [..., V] with V >= 1, "
+                     f"got shape {logits.shape}")
+  z = jax.lax.stop_gradient(_wide(logits))
+  if where is None:
+    mask = jnp.ones(z.shape[:-1], z.dtype)
+  else:
+    where = jnp.asarray(where)
+    if not (where.dtype == jnp.bool_ or jnp.issubdtype(where.dtype, jnp.integer)):
+      raise ValueError(f"{owner}: `where` must be a boolean (or integer 0/1) array, got dtype "
+                       f"{where.dtype}")
+    if where.shape != z.shape[:-1]:
+      raise ValueError(f"{owner}: `where` must have shape {z.shape[:-1]} (the logits' without "
+                       f"the vocabulary axis), got {where.shape}")
+    mask = where.astype(jnp.bool_).astype(z.dtype)
+
+  if axis is not None:
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+  labels = jax.random.categorical(key, z, axis=-1)
+  n_tokens = jnp.sum(mask)
+  if axis is not None:
+    n_tokens = jax.lax.psum(_as_varying(n_tokens, axis), axis)
+  # d(mean CE)/dz = (softmax(z) - onehot(y)) / B on counted tokens; max(B, 1) keeps an
+  # all-masked batch at 0 instead of 0/0.
+  scale = mask / jnp.maximum(n_tokens, 1.0)
+  cotangent = (jax.nn.softmax(z, axis=-1)
+               - jax.nn.one_hot(labels, z.shape[-1], dtype=z.dtype)) * scale[..., None]
+  (grads,) = vjp_fn(cotangent.astype(logits.dtype))
+  if axis is not None:
+    grads = jax.lax.psum(grads, axis)
+  if clip_norm is not None:
+    norm = optax.tree.norm(jax.tree.map(_wide, grads))
+    factor = jnp.minimum(1.0, clip_norm / (norm + 1e-6))
+    grads = jax.tree.map(lambda g: _wide(g) * factor.astype(_wide(g).dtype), grads)
+  return jax.tree.map(lambda g: n_tokens.astype(_wide(g).dtype) * jnp.square(_wide(g)), grads)
+
+
+def hutchinson(
+    loss_fn: Callable[[Any], jax.Array],
+    params: Any,
+    key: jax.Array,
+    *,
+    distribution: str = "rademacher",
+    axis_name: AxisName = None,
+) -> Any:
+  r"""Hutchinson's estimate of the Hessian diagonal: :math:`u \odot (H u)`.
+
+  With :math:`\mathbb E[u u^\top] = I`, :math:`\mathbb E[u_i (Hu)_i] = H_{ii}`. ``Hu`` is a
+  Hessian-vector product by forward-over-reverse differentiation (``jax.jvp`` of
+  ``jax.grad``), about the cost of two gradient evaluations. Rademacher ``u`` (entries +-1)
+  has the lower variance, :math:`\sum_{j\ne i} H_{ij}^2` (exactly ``diag(H)`` when H is
+  diagonal); Gaussian adds :math:`2H_{ii}^2`. Estimates can be negative: ``sophia`` treats
+  negative curvature as zero.
+
+  Args:
+    loss_fn: ``params -> scalar loss`` (a closure over the batch).
+    params: the point at which to estimate (any pytree of float arrays).
+    key: PRNG key for ``u``. With ``axis_name`` pass the SAME key on every device: all
+      devices must probe with the same ``u``.
+    distribution: ``"rademacher"`` or ``"gaussian"``.
+    axis_name: the data-parallel axis (or axes) under ``pmap`` / ``shard_map``: the estimate
+      is averaged (``pmean``) across devices, which for a per-device *mean* loss on equal
+      shards equals the single-device estimate on the whole batch. ``loss_fn`` must be the
+      per-device loss (no collectives inside); replicated params are fine (see
+      ``gauss_newton_bartlett``).
+
+  Returns:
+    A pytree like ``params`` (float32, or wider).
+  """
+  owner = "hutchinson"
+  check_choice(owner, "distribution", distribution, _DISTRIBUTIONS)
+  if not callable(loss_fn):
+    raise ValueError(f"{owner}: `loss_fn` must be callable params -> scalar, got "
+                     f"{type(loss_fn).__name__}")
+  leaves, treedef = jax.tree.flatten(params)
+  for leaf in leaves:
+    if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+      raise ValueError(f"{owner}: every `params` leaf must be a floating array, got dtype "
+                       f"{jnp.asarray(leaf).dtype}")
+  keys = jax.random.split(key, max(len(leaves), 1))
+  if distribution == "rademacher":
+    probes = [jax.random.rademacher(k, jnp.shape(p), jnp.asarray(p).dtype)
+              for k, p in zip(keys, leaves)]
+  else:
+    probes = [jax.random.normal(k, jnp.shape(p), jnp.asarray(p).dtype)
+              for k, p in zip(keys, leaves)]
+  u = jax.tree.unflatten(treedef, probes)
+  axis = _axis(axis_name)
+  if axis is not None:
+    params, u = _as_varying(params, axis), _as_varying(u, axis)
+  _, hu = jax.jvp(jax.grad(loss_fn), (params,), (u,))
+  est = jax.tree.map(lambda a, b: _wide(a) * _wide(b), u, hu)
+  if axis is not None:
+    est = jax.lax.pmean(est, axis)
+  return est
+
+
+# --------------------------------------------------------------------------------------------
+# Every-k helper
+
+
+def is_estimate_step(step: Any, k: int = 10) -> jax.Array:
+  """``step % k == 0``: the steps on which ``update_every_k`` runs the estimator."""
+  check_int("is_estimate_step", "k", k, lo=1)
+  return jnp.asarray(step) % k == 0
+
+
+def update_every_k(
+    tx: optax.GradientTransformation,
+    grads: Any,
+    opt_state: Any,
+    params: Any,
+    *,
+    step: Any,
+    estimate_fn: Callable[[Any], Any],
+    k: int = 10,
+    **extra_args: Any,
+) -> tuple[Any, Any]:
+  """``tx.update`` with a fresh Hessian estimate on every k-th step, for use inside jit.
+
+  On steps with ``step % k == 0`` (0, k, 2k, ...) it returns
+  ``tx.update(grads, opt_state, params, hessian=estimate_fn(params), **extra_args)``, on the
+  others ``tx.update(grads, opt_state, params, **extra_args)``. The choice is a ``lax.cond``
+  (or a Python ``if`` when ``step`` is a Python int), so ``estimate_fn`` is not executed on
+  the other steps.
+
+  Args:
+    tx: a transformation containing ``scale_by_sophia`` (e.g. ``optim.sophia(...)``, possibly
+      inside ``optax.chain`` / ``inject_hyperparams`` / ``masked``).
+    grads, opt_state, params: as for ``tx.update``.
+    step: the current step (int scalar, may be traced), e.g. a counter in the train state.
+    estimate_fn: ``params -> hessian estimate`` (a pytree like params), typically a closure
+      over the batch and a PRNG key calling ``gauss_newton_bartlett`` or ``hutchinson``.
+    k: estimate every k steps, >= 1 (the paper uses 10).
+    **extra_args: forwarded to ``tx.update`` on both branches.
+
+  Returns:
+    ``(updates, new_opt_state)``.
+  """
+  owner = "update_every_k"
+  check_int(owner, "k", k, lo=1)
+  if not callable(estimate_fn):
+    raise ValueError(f"{owner}: `estimate_fn` must be callable params -> hessian, got "
+                     f"{type(estimate_fn).__name__}")
+  if "hessian" in extra_args:
+    raise ValueError(f"{owner}: pass the estimator as `estimate_fn`, not `hessian`")
+  if not _sophia_states(opt_state):
+    raise ValueError(f"{owner}: `opt_state` contains no ScaleBySophiaState; `tx` must "
+                     "contain scale_by_sophia (e.g. optim.sophia)")
+  step_dtype = getattr(step, "dtype", None)
+  if step_dtype is not None and not jnp.issubdtype(step_dtype, jnp.integer):
+    raise ValueError(f"{owner}: `step` must be an integer, got dtype {step_dtype}")
+  if isinstance(step, bool) or (step_dtype is None and not isinstance(step, int)):
+    raise ValueError(f"{owner}: `step` must be an integer, got {step!r}")
+
+  def with_estimate(g, s, p):
+    return tx.update(g, s, p, hessian=estimate_fn(p), **extra_args)
+
+  def without_estimate(g, s, p):
+    return tx.update(g, s, p, **extra_args)
+
+  if isinstance(step, int):
+    branch = with_estimate if step % k == 0 else without_estimate
+    return branch(grads, opt_state, params)
+  if k == 1:
+    return with_estimate(grads, opt_state, params)
+  return jax.lax.cond(jnp.asarray(step) % k == 0, with_estimate, without_estimate,
+                      grads, opt_state, params)
+
+
+# --------------------------------------------------------------------------------------------
+# Monitoring
+
+
+def _sophia_states(opt_state: Any) -> list[ScaleBySophiaState]:
+  is_sophia = lambda x: isinstance(x, ScaleBySophiaState)
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=is_sophia) if is_sophia(s)]
+
+
+def _require_states(owner: str, opt_state: Any) -> list[ScaleBySophiaState]:
+  states = _sophia_states(opt_state)
+  if not states:
+    raise ValueError(f"{owner}: `opt_state` contains no ScaleBySophiaState (was the optimizer "
+                     "built with optim.sophia / scale_by_sophia?)")
+  return states
+
+
+def sophia_win_rate(opt_state: Any) -> jax.Array:
+  """Fraction of coordinates NOT clipped (``|m| < rho*max(h,0) + eps``) in the last update.
+
+  Found anywhere inside ``opt_state``; several Sophia states (e.g. ``multi_transform``) are
+  averaged weighted by their number of coordinates. 0 before the first update. The paper
+  tunes ``rho`` so that this stays roughly in 0.1-0.5; 0 means Sophia is sign momentum
+  (no estimate yet, or ``rho`` too small), 1 means it never clips.
+
+  Raises:
+    ValueError: when ``opt_state`` holds no ``ScaleBySophiaState``.
+  """
+  states = _require_states("sophia_win_rate", opt_state)
+  total, weighted = 0, jnp.zeros([], _F32)
+  for s in states:
+    n = sum(x.size for x in jax.tree.leaves(s.mu))
+    (rate,) = jax.tree.leaves(s.win_rate)  # also unwraps an nnx OptState variable
+    weighted = weighted + n * jnp.asarray(rate, _F32)
+    total += n
+  return weighted / max(total, 1)
+
+
+def sophia_hessian_norm(opt_state: Any) -> jax.Array:
+  """Global L2 norm of the Hessian EMA ``h`` of every Sophia state inside ``opt_state``.
+
+  0 before the first estimate; NaN/inf here means a non-finite estimate was folded in.
+
+  Raises:
+    ValueError: when ``opt_state`` holds no ``ScaleBySophiaState``.
+  """
+  states = _require_states("sophia_hessian_norm", opt_state)
+  leaves = [x for s in states for x in jax.tree.leaves(s.hessian)]
+  return optax.tree.norm(leaves).astype(_F32)
+
+
+__all__ = [
+    "gauss_newton_bartlett", "hutchinson", "update_every_k", "is_estimate_step",
+    "sophia_win_rate", "sophia_hessian_norm",
+]

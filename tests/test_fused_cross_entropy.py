@@ -1,0 +1,518 @@
+"""Tests for jaxopt_llm.losses.fused: equal to the unfused loss, never an [N, V] array."""
+import itertools
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.experimental import checkify
+
+from jaxopt_llm.losses import cross_entropy, fused_linear_cross_entropy
+from jaxopt_llm.losses import fused as fused_module
+from jaxopt_llm.losses.fused import default_chunk_size
+
+IGNORE = -100
+ARGS = (0, 1, 2)   # differentiate w.r.t. hidden, kernel, bias
+
+
+def _data(seed, n=40, d=6, v=13, n_ignored=5, dtype=jnp.float32, scale=1.0):
+  rng = np.random.default_rng(seed)
+  hidden = scale * rng.standard_normal((n, d))
+  kernel = rng.standard_normal((d, v)) / np.sqrt(d)
+  bias = 0.5 * rng.standard_normal(v)
+  labels = rng.integers(0, v, size=n)
+  labels[rng.choice(n, size=n_ignored, replace=False)] = IGNORE
+  cot = rng.standard_normal(n)   # per-token cotangent for reduction="none"
+  return (jnp.asarray(hidden, dtype), jnp.asarray(kernel, dtype), jnp.asarray(bias, dtype),
+          jnp.asarray(labels, jnp.int32), jnp.asarray(cot, jnp.float32))
+
+
+def _unfused(hidden, kernel, labels, *, bias=None, logit_soft_cap=None, **kw):
+  """The definition: cross_entropy on the materialised (soft-capped) logits."""
+  z = jnp.matmul(hidden, kernel, precision=jax.lax.Precision.HIGHEST)
+  if bias is not None:
+    z = z + bias
+  if logit_soft_cap is not None:
+    z = logit_soft_cap * jnp.tanh(z / logit_soft_cap)
+  return cross_entropy(z, labels, **kw)
+
+
+def _scalar(loss_fn, labels, cot, reduction, **kw):
+  """(hidden, kernel, bias) -> scalar; "none" is contracted with a random cotangent."""
+  def f(h, w, b):
+    out = loss_fn(h, w, labels, bias=b, reduction=reduction, **kw)
+    return jnp.sum(out * cot) if reduction == "none" else out
+  return f
+
+
+def _assert_rel(actual, expected, rtol=1e-5, what=""):
+  """Elementwise rtol, with an absolute floor of rtol * max|expected| for tiny entries.
+
+  (The floor itself has a floor, 1e-3 * rtol: an exactly-zero reference, e.g. the
+  gradient when V = 1, is then met by rounding noise of ~1e-9.)
+  """
+  a = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+  e = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
+  assert a.shape == e.shape, what
+  scale = max(float(np.max(np.abs(e))) if e.size else 0.0, 1e-3)
+  np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Equal to the unfused loss: value and all three gradients, every option combination.
+
+_COMBOS = list(itertools.product([0.0, 0.1], [0.0, 1e-2], [None, 2.5], [True, False]))
+# Chunk sizes that divide N = 40, that do not (the last chunk overlaps), 1, and > N.
+_CHUNKS = [8, 7, 3, 64, 1, 40, 13, 16]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_option_combination_matches_unfused(reduction):
+  hidden, kernel, bias, labels, cot = _data(0)
+
+  def both(h, w, b):
+    out = []
+    for i, (eps, zl, cap, use_bias) in enumerate(_COMBOS):
+      kw = dict(label_smoothing=eps, z_loss=zl, logit_soft_cap=cap)
+      fused = _scalar(fused_linear_cross_entropy, labels, cot, reduction,
+                      chunk_size=_CHUNKS[i % len(_CHUNKS)], **kw)
+      ref = _scalar(_unfused, labels, cot, reduction, **kw)
+      if not use_bias:   # bias=None; the gradient w.r.t. the unused b is then 0.
+        fused, ref = (lambda f: lambda h, w, b: f(h, w, None))(fused), \
+            (lambda f: lambda h, w, b: f(h, w, None))(ref)
+      out.append((jax.value_and_grad(fused, ARGS)(h, w, b),
+                  jax.value_and_grad(ref, ARGS)(h, w, b)))
+    return out
+
+  results = jax.jit(both)(hidden, kernel, bias)
+  for combo, ((val, grads), (ref_val, ref_grads)) in zip(_COMBOS, results):
+    what = f"{reduction} eps,z_loss,cap,bias={combo}"
+    chex.assert_type(val, jnp.float32)
+    chex.assert_shape(val, ())
+    _assert_rel(val, ref_val, what=what + " value")
+    for name, g, rg in zip(("hidden", "kernel", "bias"), grads, ref_grads):
+      chex.assert_equal_shape([g, rg])
+      _assert_rel(g, rg, what=f"{what} d{name}")
+    assert float(jnp.max(jnp.abs(grads[0][labels == IGNORE]))) == 0.0, what
+
+
+def test_per_token_values_match():
+  hidden, kernel, bias, labels, _ = _data(1)
+  kw = dict(label_smoothing=0.2, z_loss=1e-3, logit_soft_cap=4.0, reduction="none")
+  out, ref = jax.jit(lambda h, w, b: (
+      fused_linear_cross_entropy(h, w, labels, bias=b, chunk_size=6, **kw),
+      _unfused(h, w, labels, bias=b, **kw)))(hidden, kernel, bias)
+  chex.assert_shape(out, labels.shape)
+  _assert_rel(out, ref)
+  assert np.all(np.asarray(out)[np.asarray(labels) == IGNORE] == 0.0)
+
+
+def _np_loss_and_grads(h, w, b, y, *, eps, zl, cap, reduction):
+  """float64 loss and its gradients, written from the equations (no autodiff).
+
+  u = h W + b, z = cap tanh(u / cap), p = softmax(z);
+  loss_i = (1 - eps)(lse - z_y) + eps (lse - mean z) + zl lse^2;
+  dloss_i/dz = (1 - eps)(p - onehot) + eps (p - 1/V) + 2 zl lse p;
+  dz/du = 1 - tanh^2; dh = g W^T, dW = h^T g, db = sum_i g.
+  """
+  h, w, b = (np.asarray(x, np.float64) for x in (h, w, b))
+  y = np.asarray(y)
+  n, v = h.shape[0], w.shape[1]
+  u = h @ w + b
+  t = np.tanh(u / cap)
+  z = cap * t
+  m = z.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[:, 0]
+  p = np.exp(z - lse[:, None])
+  valid = y != IGNORE
+  ys = np.where(valid, y, 0)
+  onehot = np.eye(v)[ys]
+  loss = ((1 - eps) * (lse - z[np.arange(n), ys]) + eps * (lse - z.mean(-1))
+          + zl * lse**2) * valid
+  dz = (1 - eps) * (p - onehot) + eps * (p - 1.0 / v) + 2 * zl * lse[:, None] * p
+  scale = valid / (max(valid.sum(), 1) if reduction == "mean" else 1.0)
+  g = dz * (1 - t**2) * scale[:, None]
+  value = loss.sum() / (max(valid.sum(), 1) if reduction == "mean" else 1.0)
+  return value, (g @ w.T, h.T @ g, g.sum(0))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_matches_equations_in_float64(reduction):
+  hidden, kernel, bias, labels, _ = _data(2, n=23)
+  kw = dict(label_smoothing=0.15, z_loss=2e-3)
+  val, grads = jax.jit(jax.value_and_grad(
+      lambda h, w, b: fused_linear_cross_entropy(
+          h, w, labels, bias=b, logit_soft_cap=3.0, reduction=reduction, chunk_size=5,
+          **kw), ARGS))(hidden, kernel, bias)
+  ref_val, ref_grads = _np_loss_and_grads(hidden, kernel, bias, labels, eps=0.15, zl=2e-3,
+                                          cap=3.0, reduction=reduction)
+  _assert_rel(val, ref_val)
+  for g, rg in zip(grads, ref_grads):
+    _assert_rel(g, rg)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_matches_pytorch(reduction):
+  torch = pytest.importorskip("torch")
+  hidden, kernel, bias, labels, _ = _data(3)
+  eps, zl, cap = 0.1, 1e-2, 5.0
+  th, tw, tb = (torch.tensor(np.asarray(x, np.float64), requires_grad=True)
+                for x in (hidden, kernel, bias))
+  ty = torch.tensor(np.asarray(labels), dtype=torch.long)
+  z = cap * torch.tanh((th @ tw + tb) / cap)
+  loss = torch.nn.functional.cross_entropy(z, ty, ignore_index=IGNORE,
+                                           label_smoothing=eps, reduction=reduction)
+  valid = (ty != IGNORE).double()
+  zterm = (zl * torch.logsumexp(z, -1) ** 2 * valid).sum()
+  loss = loss + (zterm / valid.sum() if reduction == "mean" else zterm)
+  loss.backward()
+  val, grads = jax.jit(jax.value_and_grad(
+      lambda h, w, b: fused_linear_cross_entropy(
+          h, w, labels, bias=b, label_smoothing=eps, z_loss=zl, logit_soft_cap=cap,
+          reduction=reduction, chunk_size=9), ARGS))(hidden, kernel, bias)
+  _assert_rel(val, loss.detach().numpy())
+  for g, tg in zip(grads, (th.grad, tw.grad, tb.grad)):
+    _assert_rel(g, tg.numpy())
+
+
+@settings(max_examples=5, deadline=None)
+@given(n=st.integers(1, 30), d=st.integers(1, 5), v=st.integers(1, 9),
+       chunk=st.integers(1, 40), seed=st.integers(0, 2**16),
+       frac_ignored=st.floats(0.0, 1.0))
+def test_property_any_shape_and_chunk_matches_unfused(n, d, v, chunk, seed, frac_ignored):
+  rng = np.random.default_rng(seed)
+  hidden = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((d, v)), jnp.float32)
+  labels = np.asarray(rng.integers(0, v, size=n))
+  labels[rng.random(n) < frac_ignored] = IGNORE
+  labels = jnp.asarray(labels)
+  fused = lambda h, w: fused_linear_cross_entropy(h, w, labels, chunk_size=chunk,
+                                                  label_smoothing=0.05)
+  ref = lambda h, w: _unfused(h, w, labels, label_smoothing=0.05)
+  (val, grads), (ref_val, ref_grads) = jax.jit(lambda h, w: (
+      jax.value_and_grad(fused, (0, 1))(h, w), jax.value_and_grad(ref, (0, 1))(h, w)))(
+          hidden, kernel)
+  _assert_rel(val, ref_val)
+  for g, rg in zip(grads, ref_grads):
+    _assert_rel(g, rg)
+
+
+def test_leading_batch_dims_and_where():
+  hidden, kernel, bias, labels, _ = _data(4, n=30)
+  where = np.random.default_rng(4).random(30) < 0.7
+  h3, y3, w3 = hidden.reshape(2, 15, -1), labels.reshape(2, 15), where.reshape(2, 15)
+  masked = jnp.where(jnp.asarray(w3), y3, IGNORE)
+  f = lambda h: fused_linear_cross_entropy(h, kernel, y3, where=w3, chunk_size=4)
+  g = lambda h: fused_linear_cross_entropy(h, kernel, masked, chunk_size=4)
+  out, ref, with_where, with_ignore = jax.jit(lambda h: (
+      fused_linear_cross_entropy(h, kernel, y3, bias=bias, where=w3, reduction="none",
+                                 chunk_size=4),
+      _unfused(h, kernel, y3, bias=bias, where=w3, reduction="none"),
+      jax.value_and_grad(f)(h), jax.value_and_grad(g)(h)))(h3)
+  chex.assert_shape(out, (2, 15))
+  _assert_rel(out, ref)
+  # where=False is exactly ignore_index.
+  chex.assert_trees_all_close(with_where, with_ignore, rtol=1e-6, atol=1e-7)
+  chex.assert_shape(with_where[1], h3.shape)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Ignored tokens, all-ignored batches, bad labels.
+
+
+def test_all_ignored_gives_zero_and_zero_grads():
+  hidden, kernel, bias, _, cot = _data(5, n=12)
+  labels = jnp.full((12,), IGNORE)
+  kw = dict(label_smoothing=0.3, z_loss=1e-2, logit_soft_cap=2.0, chunk_size=5)
+
+  def run(h, w, b):
+    return {red: (fused_linear_cross_entropy(h, w, labels, bias=b, reduction=red, **kw),
+                  jax.value_and_grad(_scalar(fused_linear_cross_entropy, labels, cot, red,
+                                             **kw), ARGS)(h, w, b))
+            for red in ("mean", "sum", "none")}
+
+  for red, (out, (val, grads)) in jax.jit(run)(hidden, kernel, bias).items():
+    chex.assert_shape(out, labels.shape if red == "none" else ())
+    assert np.all(np.asarray(out) == 0.0) and float(val) == 0.0, red
+    for g in grads:
+      assert np.all(np.asarray(g) == 0.0), red
+
+
+def test_nonfinite_hidden_in_ignored_rows_does_not_leak():
+  hidden, kernel, bias, labels, _ = _data(6)
+  ignored = np.asarray(labels) == IGNORE
+  poisoned = jnp.where(jnp.asarray(ignored)[:, None], jnp.nan, hidden)
+  poisoned = poisoned.at[np.flatnonzero(ignored)[0]].set(jnp.inf)
+  zeroed = jnp.where(jnp.asarray(ignored)[:, None], 0.0, hidden)
+  f = lambda h, w, b: fused_linear_cross_entropy(h, w, labels, bias=b, z_loss=1e-3,
+                                                 label_smoothing=0.1, chunk_size=7)
+  val, grads = jax.jit(jax.value_and_grad(f, ARGS))(poisoned, kernel, bias)
+  ref_val, ref_grads = jax.jit(jax.value_and_grad(
+      lambda h, w, b: _unfused(h, w, labels, bias=b, z_loss=1e-3, label_smoothing=0.1),
+      ARGS))(zeroed, kernel, bias)
+  _assert_rel(val, ref_val)
+  for g, rg in zip(grads, ref_grads):
+    assert np.all(np.isfinite(np.asarray(g)))
+    _assert_rel(g, rg)
+
+
+def test_out_of_range_label_is_nan_under_jit_and_checkify_catches_it():
+  hidden, kernel, _, labels, _ = _data(7, n=10)
+  bad = labels.at[3].set(13)   # V = 13
+  f = jax.jit(lambda h, y: fused_linear_cross_entropy(h, kernel, y, chunk_size=4))
+  assert np.isnan(float(f(hidden, bad)))
+  assert np.isfinite(float(f(hidden, labels)))
+  checked = checkify.checkify(jax.jit(lambda h, y: fused_linear_cross_entropy(
+      h, kernel, y, chunk_size=4, validate=True)))
+  err, _ = checked(hidden, bad)
+  with pytest.raises(checkify.JaxRuntimeError, match="labels"):
+    err.throw()
+  err, _ = checked(hidden, labels)
+  err.throw()
+
+
+# ---------------------------------------------------------------------------------------
+# 3. dtypes, jit, transformations.
+
+
+def test_bf16_inputs_within_bf16_tolerance():
+  hidden, kernel, bias, labels, _ = _data(8, n=48, d=16, v=50, dtype=jnp.bfloat16)
+  kw = dict(label_smoothing=0.1, z_loss=1e-3)
+  f = lambda h, w, b: fused_linear_cross_entropy(h, w, labels, bias=b, chunk_size=10, **kw)
+  val, grads = jax.jit(jax.value_and_grad(f, ARGS))(hidden, kernel, bias)
+  chex.assert_type(val, jnp.float32)
+  chex.assert_trees_all_equal_dtypes(grads, (hidden, kernel, bias))
+  # Reference 1: the exact loss of these bf16 values, in float32. Fused accumulates the
+  # logits in float32, so its value is float32-accurate; its gradients round the
+  # logits' gradient to bf16 for the matmuls (as the unfused bf16 path does).
+  up = lambda x: x.astype(jnp.float32)
+  (ref_val, ref_grads), (bf_val, bf_grads) = jax.jit(lambda h, w, b: (
+      jax.value_and_grad(lambda h, w, b: _unfused(h, w, labels, bias=b, **kw), ARGS)(
+          up(h), up(w), up(b)),
+      jax.value_and_grad(lambda h, w, b: cross_entropy(h @ w + b, labels, **kw), ARGS)(
+          h, w, b)))(hidden, kernel, bias)
+  _assert_rel(val, ref_val, rtol=1e-5)
+  for g, rg in zip(grads, ref_grads):
+    _assert_rel(g, rg, rtol=2e-2)
+  # Reference 2: the unfused path run in bf16.
+  _assert_rel(val, bf_val, rtol=2e-2)
+  for g, rg in zip(grads, bf_grads):
+    _assert_rel(g, rg, rtol=5e-2)
+
+
+def test_traced_hyperparameters_under_jit():
+  hidden, kernel, bias, labels, _ = _data(9)
+  f = jax.jit(jax.value_and_grad(
+      lambda h, eps, zl, cap: fused_linear_cross_entropy(
+          h, kernel, labels, bias=bias, label_smoothing=eps, z_loss=zl,
+          logit_soft_cap=cap, chunk_size=16)))
+  g = jax.jit(jax.value_and_grad(
+      lambda h, eps, zl, cap: _unfused(h, kernel, labels, bias=bias, label_smoothing=eps,
+                                       z_loss=zl, logit_soft_cap=cap)))
+  for args in [(0.0, 0.0, 3.0), (0.25, 1e-2, 1.5)]:
+    val, grad = f(hidden, *args)
+    ref_val, ref_grad = g(hidden, *args)
+    _assert_rel(val, ref_val)
+    _assert_rel(grad, ref_grad)
+
+
+def test_frozen_kernel_hvp_and_vmap():
+  hidden, kernel, bias, labels, _ = _data(10, n=20)
+  fused = lambda h, w: fused_linear_cross_entropy(h, w, labels, z_loss=1e-2, chunk_size=6)
+  ref = lambda h, w: _unfused(h, w, labels, z_loss=1e-2)
+  tangent = jnp.asarray(np.random.default_rng(10).standard_normal(hidden.shape), jnp.float32)
+  hvp = lambda f, h, w: jax.jvp(jax.grad(lambda h: f(h, w)), (h,), (tangent,))[1]
+
+  def run(h, w):
+    stacked = jnp.stack([h, 2.0 * h])
+    return [(f(h, w), jax.grad(f, 0)(h, w), jax.grad(f, 1)(h, w), hvp(f, h, w),
+             jax.vmap(jax.grad(f), (0, None))(stacked, w)) for f in (fused, ref)]
+
+  # Only dL/dhidden (frozen head), only dL/dkernel; a Hessian-vector product
+  # (forward-over-reverse, as Sophia's Hutchinson estimator uses); vmap.
+  got, want = jax.jit(run)(hidden, kernel)
+  for name, a, b in zip(("value", "dh only", "dW only", "hvp", "vmap"), got, want):
+    _assert_rel(a, b, rtol=1e-4 if name == "hvp" else 1e-5, what=name)
+
+
+def test_inside_shard_map_data_parallel():
+  """The recipe for token-sharded inputs: local sums in shard_map, one psum, no gather."""
+  devices = jax.devices()
+  if len(devices) < 2:
+    pytest.skip("needs several devices (tests/conftest.py asks for 8 CPU devices)")
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  P = jax.sharding.PartitionSpec
+  hidden, kernel, bias, labels, _ = _data(13, n=8 * len(devices))
+  kw = dict(label_smoothing=0.1, z_loss=1e-3)
+
+  def local(h, w, b, y):
+    total = fused_linear_cross_entropy(h, w, y, bias=b, reduction="sum", chunk_size=3, **kw)
+    count = jnp.sum(y != IGNORE)
+    return jax.lax.psum(total, "data") / jnp.maximum(jax.lax.psum(count, "data"), 1)
+
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P(), P(), P("data")),
+                          out_specs=P())
+  step = jax.jit(jax.value_and_grad(sharded, ARGS))
+  val, grads = step(hidden, kernel, bias, labels)
+  ref_val, ref_grads = jax.jit(jax.value_and_grad(
+      lambda h, w, b: _unfused(h, w, labels, bias=b, **kw), ARGS))(hidden, kernel, bias)
+  _assert_rel(val, ref_val)
+  for g, rg in zip(grads, ref_grads):
+    _assert_rel(g, rg)
+  assert "all-gather" not in step.lower(hidden, kernel, bias, labels).compile().as_text()
+
+
+def test_gradient_wrt_hyperparameters_is_an_error_not_a_silent_zero():
+  hidden, kernel, _, labels, _ = _data(14, n=8)
+  with pytest.raises(NotImplementedError, match="label_smoothing"):
+    jax.grad(lambda eps: fused_linear_cross_entropy(
+        hidden, kernel, labels, label_smoothing=eps))(0.1)
+
+
+def _count_dots(fn, *args):
+  return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+
+def test_matmul_count_no_recompute_for_scalar_losses():
+  hidden, kernel, bias, labels, cot = _data(11)
+  mean = lambda h, w: fused_linear_cross_entropy(h, w, labels, chunk_size=8)
+  none = lambda h, w: jnp.sum(cot * fused_linear_cross_entropy(
+      h, w, labels, chunk_size=8, reduction="none"))
+  # Not differentiated: logits only. Differentiated (mean/sum): logits, dh, dW once each,
+  # as the unfused path; a frozen kernel skips dW. "none" recomputes the logits.
+  assert _count_dots(mean, hidden, kernel) == 1
+  assert _count_dots(jax.value_and_grad(mean, (0, 1)), hidden, kernel) == 3
+  assert _count_dots(jax.grad(mean, 0), hidden, kernel) == 2
+  assert _count_dots(jax.value_and_grad(none, (0, 1)), hidden, kernel) == 4
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Never an [N, V] buffer.
+
+_SHAPE_RE = re.compile(r"\b(?:f|bf|s|u|pred)\d*\[([\d,]*)\]")
+
+
+def test_no_tokens_by_vocab_buffer_in_compiled_program():
+  n, d, v = 8192, 32, 32768     # one float32 [N, V] array = 1 GiB
+  spec = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+          jax.ShapeDtypeStruct((n,), jnp.int32))
+  full = n * v * 4
+
+  def compiled(loss):
+    return jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*spec).compile()
+
+  fused = compiled(lambda h, w, y: fused_linear_cross_entropy(h, w, y, z_loss=1e-4))
+  none = compiled(lambda h, w, y: jnp.sum(fused_linear_cross_entropy(
+      h, w, y, reduction="none", label_smoothing=0.1)))
+  unfused = compiled(lambda h, w, y: cross_entropy(h @ w, y, z_loss=1e-4))
+  # The measurement can tell: the unfused program needs at least one [N, V] buffer.
+  assert unfused.memory_analysis().temp_size_in_bytes >= full
+  for c in (fused, none):
+    assert c.memory_analysis().temp_size_in_bytes < full / 8
+    biggest = max(int(np.prod([int(s) for s in m.split(",") if s]))
+                  for m in _SHAPE_RE.findall(c.as_text()))
+    assert biggest <= default_chunk_size(n, v) * v < n * v // 8
+
+
+def test_default_chunk_size():
+  assert default_chunk_size(4096, 32000, "cpu") == 384          # 46.9 MiB block
+  assert default_chunk_size(8192, 128256, "gpu") == 1024        # 501 MiB block
+  assert default_chunk_size(4096, 128256, "cpu") == 64          # power of two below 128
+  assert default_chunk_size(100, 32000, "cpu") == 100           # never more than N
+  assert default_chunk_size(10**6, 10**7, "cpu") == 16          # floor
+  for n, v, backend in [(4096, 32000, "cpu"), (8192, 128256, "gpu"), (777, 3000, "tpu")]:
+    c = default_chunk_size(n, v, backend)
+    budget = (48 if backend == "cpu" else 512) * 2**20
+    assert c * v * 4 <= budget and (c % 128 == 0 or c == n)
+
+
+def test_kernel_gradient_in_vocabulary_blocks(monkeypatch):
+  """The CPU path that forms dL/dkernel in column blocks (last block overlapping)."""
+  hidden, kernel, bias, labels, cot = _data(15)     # d = 6, V = 13
+  monkeypatch.setitem(fused_module._KERNEL_GRAD_BLOCK_BYTES, jax.default_backend(),
+                      4 * 6 * 5)                     # 5 columns: blocks at 0, 5, 8
+  for reduction in ("mean", "none"):
+    f = _scalar(fused_linear_cross_entropy, labels, cot, reduction, chunk_size=7,
+                label_smoothing=0.1)
+    ref = _scalar(_unfused, labels, cot, reduction, label_smoothing=0.1)
+    (val, grads), (ref_val, ref_grads) = jax.jit(lambda h, w, b: (
+        jax.value_and_grad(f, ARGS)(h, w, b), jax.value_and_grad(ref, ARGS)(h, w, b)))(
+            hidden, kernel, bias)
+    _assert_rel(val, ref_val, what=reduction)
+    for g, rg in zip(grads, ref_grads):
+      _assert_rel(g, rg, what=reduction)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Extremes and bad arguments.
+
+
+def test_finite_under_extreme_logits():
+  hidden, kernel, bias, labels, _ = _data(12, scale=3e3)     # |logits| ~ 1e4
+
+  def run(h, w):
+    out = []
+    for cap in (None, 30.0):
+      kw = dict(bias=bias, label_smoothing=0.1, z_loss=1e-4, logit_soft_cap=cap)
+      f = lambda h, w: fused_linear_cross_entropy(h, w, labels, chunk_size=7, **kw)
+      g = lambda h, w: _unfused(h, w, labels, **kw)
+      out.append((jax.value_and_grad(f, (0, 1))(h, w), jax.value_and_grad(g, (0, 1))(h, w)))
+    return out
+
+  for (val, grads), (ref_val, ref_grads) in jax.jit(run)(hidden, kernel):
+    assert np.isfinite(float(val)) and float(val) > 1.0
+    _assert_rel(val, ref_val)
+    for g, rg in zip(grads, ref_grads):
+      assert np.all(np.isfinite(np.asarray(g)))
+      _assert_rel(g, rg, rtol=1e-4)
+
+
+def test_empty_batch():
+  kernel = jnp.ones((4, 5))
+  out = fused_linear_cross_entropy(jnp.zeros((0, 4)), kernel, jnp.zeros((0,), jnp.int32))
+  assert float(out) == 0.0
+  none = fused_linear_cross_entropy(jnp.zeros((2, 0, 4)), kernel,
+                                    jnp.zeros((2, 0), jnp.int32), reduction="none")
+  chex.assert_shape(none, (2, 0))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(chunk_size=-3), "chunk_size"),
+    (dict(chunk_size=2.5), "chunk_size"),
+    (dict(chunk_size=True), "chunk_size"),
+    (dict(logit_soft_cap=0.0), "logit_soft_cap"),
+    (dict(logit_soft_cap=-1.0), "logit_soft_cap"),
+    (dict(logit_soft_cap=float("nan")), "logit_soft_cap"),
+    (dict(reduction="avg"), "reduction"),
+    (dict(label_smoothing=1.5), "label_smoothing"),
+    (dict(z_loss=-1e-4), "z_loss"),
+    (dict(ignore_index=1.5), "ignore_index"),
+    (dict(bias=jnp.zeros(4)), "bias"),
+    (dict(bias=jnp.zeros(5, jnp.int32)), "bias"),
+    (dict(where=jnp.ones(3, bool)), "where"),
+])
+def test_bad_arguments_raise_naming_them(kwargs, match):
+  hidden, kernel, labels = jnp.ones((6, 3)), jnp.ones((3, 5)), jnp.zeros(6, jnp.int32)
+  with pytest.raises(ValueError, match=match):
+    fused_linear_cross_entropy(hidden, kernel, labels, **kwargs)
+
+
+@pytest.mark.parametrize("hidden,kernel,labels,match", [
+    (jnp.ones((6, 3), jnp.int32), jnp.ones((3, 5)), jnp.zeros(6, jnp.int32), "hidden"),
+    (jnp.ones((6, 3)), jnp.ones((4, 5)), jnp.zeros(6, jnp.int32), "kernel"),
+    (jnp.ones((6, 3)), jnp.ones((3, 5, 1)), jnp.zeros(6, jnp.int32), "kernel"),
+    (jnp.ones((6, 3)), jnp.ones((3, 0)), jnp.zeros(6, jnp.int32), "kernel"),
+    (jnp.ones((6, 3)), jnp.ones((3, 5), jnp.int32), jnp.zeros(6, jnp.int32), "kernel"),
+    (jnp.ones((6, 3)), jnp.ones((3, 5)), jnp.zeros(5, jnp.int32), "labels"),
+    (jnp.ones((6, 3)), jnp.ones((3, 5)), jnp.zeros(6), "labels"),
+    (jnp.ones((6, 3)), jnp.ones((3, 5)), jnp.array([0, 1, 2, 5, 0, 0]), r"labels.*\[5\]"),
+    (jnp.ones((6, 3)), jnp.ones((3, 5)), jnp.array([0, 1, 2, -1, 0, 0]), r"labels.*\[-1\]"),
+])
+def test_bad_arrays_raise_naming_them(hidden, kernel, labels, match):
+  with pytest.raises(ValueError, match=match):
+    fused_linear_cross_entropy(hidden, kernel, labels)
