@@ -300,7 +300,7 @@ def test_sophia_estimates_the_hessian_every_k_optimizer_steps():
       state.opt_state, is_leaf=lambda x: isinstance(x, optim.ScaleBySophiaState))
       if isinstance(s, optim.ScaleBySophiaState)][0]
   assert int(sophia_state.hessian_count) == 3
-  stats = monitors.sophia_stats(state.opt_state)
+  stats = jax.jit(monitors.sophia_stats)(state.opt_state)
   assert 0.0 <= float(stats["sophia_win_rate"]) <= 1.0
   assert float(stats["sophia_hessian_norm"]) > 0.0
 
