@@ -163,7 +163,9 @@ def compare(args, graphdef, params0, batches, val, steps, k) -> None:
     val_loss = evaluate(graphdef, r.params, val)
     win = (f"{float(optim.sophia_win_rate(r.opt_state)):8.3f}" if r.name.startswith("sophia")
            else f"{'':8s}")
-    desc = RECIPES[r.name.split(":")[0]]["desc"] + (" [k=1: timing]" if ":" in r.name else "")
+    desc = RECIPES[r.name.split(":")[0]]["desc"]
+    if r.name == "sophia:k=1":
+      desc = desc.replace("k=10", "k=1") + " (estimator cost)"
     print(f"{r.name:12s} {r.ms_per_step:8.1f} {r.ms_per_step / base:8.2f}x {val_loss:9.3f} "
           f"{np.mean(r.losses[-tail:]):10.3f}  {win}  {desc}")
   sophia = next(r for r in runs if r.name == "sophia")
