@@ -79,7 +79,7 @@ def init_params(seed):
 
 
 def retrieval_accuracy(params, xa, xb):
-  sim = losses.cosine_similarity(tower(params["a"], xa), tower(params["b"], xb))
+  sim = losses.pairwise_cosine_similarity(tower(params["a"], xa), tower(params["b"], xb))
   return jnp.mean(jnp.argmax(sim, axis=1) == jnp.arange(xa.shape[0]))
 
 

@@ -19,6 +19,11 @@ LambdaLR lambdas, multiplied by the peak learning rate) and PyTorch's
 * The step is converted to float32 before any arithmetic, so ``step + offset`` never
   overflows int32 (steps up to 2**24 are represented exactly; larger steps are rounded to
   the nearest float32, which is far below the resolution of any schedule).
+
+Names: none of these is the name of an ``optax.schedules`` function with other arguments.
+The PyTorch twins are named after their ``lr_scheduler`` class (``exponential_lr`` is
+``ExponentialLR``: ``optax.exponential_decay(init_value, transition_steps, decay_rate)``
+is a different function); the warmup/decay shapes after what they do.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ __all__ = [
   "constant_with_warmup",
   "inverse_sqrt",
   "step_decay",
-  "exponential_decay",
+  "exponential_lr",
   "cosine_annealing",
 ]
 
@@ -193,6 +198,31 @@ def _check_peak_min(owner: str, peak_lr: Any, min_lr: Any,
   return peak, low
 
 
+def _decay_schedule(peak: float, low: float, warmup: int, total: int,
+                    factor: Callable[[jax.Array], jax.Array]) -> Schedule:
+  """The warmup-then-decay shape of ``warmup_cosine``, ``linear_decay``,
+  ``polynomial_decay`` and ``cosine_annealing`` (validated arguments).
+
+  ``peak * t / W`` for ``t < W``, then ``low + (peak - low) * factor(r)`` with ``r`` the
+  fraction of ``[W, T]`` still to go (:func:`_remaining`); ``low`` from ``T`` on.
+  """
+  def schedule(step: Any) -> jax.Array:
+    t = _float_step(step)
+    rem = _remaining(t, total, total - warmup)
+    return _linear_warmup(t, peak, warmup, _interp(low, peak, rem, factor(rem)))
+
+  return schedule
+
+
+def _warmup_then_decay(owner: str, peak_lr: Any, warmup_steps: Any, total_steps: Any,
+                       min_lr: Any, factor: Callable[[jax.Array], jax.Array]) -> Schedule:
+  """Validates the HF-style ``(peak_lr, warmup_steps, total_steps, min_lr)``, then
+  :func:`_decay_schedule`."""
+  peak, low = _check_peak_min(owner, peak_lr, min_lr)
+  warmup, total = _check_warmup_total(owner, warmup_steps, total_steps)
+  return _decay_schedule(peak, low, warmup, total, factor)
+
+
 # ----------------------------------------------------------------------------------------
 # Warmup + decay schedules (Hugging Face transformers semantics).
 # ----------------------------------------------------------------------------------------
@@ -228,16 +258,8 @@ def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
   Returns:
     A schedule ``step -> lr`` (float32).
   """
-  owner = "warmup_cosine"
-  peak, low = _check_peak_min(owner, peak_lr, min_lr)
-  warmup, total = _check_warmup_total(owner, warmup_steps, total_steps)
-
-  def schedule(step: Any) -> jax.Array:
-    t = _float_step(step)
-    rem = _remaining(t, total, total - warmup)
-    return _linear_warmup(t, peak, warmup, _interp(low, peak, rem, _cosine_factor(rem)))
-
-  return schedule
+  return _warmup_then_decay("warmup_cosine", peak_lr, warmup_steps, total_steps, min_lr,
+                            _cosine_factor)
 
 
 def linear_decay(peak_lr: float, warmup_steps: int, total_steps: int,
@@ -256,25 +278,10 @@ def linear_decay(peak_lr: float, warmup_steps: int, total_steps: int,
   here is a floor the line ends at, the HF schedule is the case ``min_lr = 0``). As in HF,
   ``warmup_steps == total_steps`` gives ``min_lr`` from ``t = T`` on.
 
-  Args:
-    peak_lr: learning rate at the end of warmup, >= 0.
-    warmup_steps: W, 0 <= W <= total_steps.
-    total_steps: T >= 1.
-    min_lr: final learning rate, 0 <= min_lr <= peak_lr.
-
-  Returns:
-    A schedule ``step -> lr`` (float32).
+  Arguments and result: as :func:`warmup_cosine`.
   """
-  owner = "linear_decay"
-  peak, low = _check_peak_min(owner, peak_lr, min_lr)
-  warmup, total = _check_warmup_total(owner, warmup_steps, total_steps)
-
-  def schedule(step: Any) -> jax.Array:
-    t = _float_step(step)
-    rem = _remaining(t, total, total - warmup)
-    return _linear_warmup(t, peak, warmup, _interp(low, peak, rem, rem))
-
-  return schedule
+  return _warmup_then_decay("linear_decay", peak_lr, warmup_steps, total_steps, min_lr,
+                            lambda rem: rem)
 
 
 def polynomial_decay(peak_lr: float, warmup_steps: int, total_steps: int,
@@ -296,30 +303,16 @@ def polynomial_decay(peak_lr: float, warmup_steps: int, total_steps: int,
   ``t = T``) we return ``min_lr``, like the other decays.
 
   Args:
-    peak_lr: learning rate at the end of warmup, >= 0.
-    warmup_steps: W, 0 <= W <= total_steps.
-    total_steps: T >= 1.
-    min_lr: final learning rate, 0 <= min_lr <= peak_lr.
-    power: exponent of the decay, > 0 (< 1 decays fast late, > 1 decays fast early).
-
-  Returns:
-    A schedule ``step -> lr`` (float32).
+    power: exponent of the decay, > 0 (< 1 decays fast late, > 1 decays fast early). The
+      other arguments and the result: as :func:`warmup_cosine`.
   """
   owner = "polynomial_decay"
-  peak, low = _check_peak_min(owner, peak_lr, min_lr)
-  warmup, total = _check_warmup_total(owner, warmup_steps, total_steps)
   pw = _real(owner, "power", power, lo=0.0, lo_open=True)
   # Integer powers (the common 1 and 2) go through repeated multiplication, which is exact
   # to an ulp; a general float power is exp(power * log(x)) inside XLA.
-  int_power = int(pw) if pw.is_integer() and pw <= 64 else None
-
-  def schedule(step: Any) -> jax.Array:
-    t = _float_step(step)
-    rem = _remaining(t, total, total - warmup)
-    factor = jnp.power(rem, int_power) if int_power is not None else jnp.power(rem, jnp.float32(pw))
-    return _linear_warmup(t, peak, warmup, _interp(low, peak, rem, factor))
-
-  return schedule
+  exponent = int(pw) if pw.is_integer() and pw <= 64 else jnp.float32(pw)
+  return _warmup_then_decay(owner, peak_lr, warmup_steps, total_steps, min_lr,
+                            lambda rem: jnp.power(rem, exponent))
 
 
 def constant_with_warmup(peak_lr: float, warmup_steps: int) -> Schedule:
@@ -524,17 +517,18 @@ def _num_periods(step: Any, size: int) -> jax.Array:
   return jnp.where(n * size > t, n - 1.0, n)
 
 
-def exponential_decay(lr: float, gamma: float) -> Schedule:
-  r"""Multiply the rate by ``gamma`` every step.
+def exponential_lr(lr: float, gamma: float) -> Schedule:
+  r"""Multiply the rate by ``gamma`` every step: PyTorch's ``ExponentialLR``.
 
   .. math::
 
     \mathrm{lr}(t) = \mathrm{lr} \cdot \gamma^{t}
 
-  Reference: the closed form of PyTorch ``torch.optim.lr_scheduler.ExponentialLR``. Note
-  that this is *not* ``optax.exponential_decay(init_value, transition_steps, decay_rate,
-  ...)``: the signature follows PyTorch (``gamma`` per step, no transition steps, no
-  staircase, no end value). ``gamma`` must be in (0, 1] for a decay.
+  Reference: the closed form of PyTorch ``torch.optim.lr_scheduler.ExponentialLR``, whose
+  name and arguments it keeps. Not ``optax.exponential_decay(init_value,
+  transition_steps, decay_rate, ...)`` (a decay by ``decay_rate`` per
+  ``transition_steps``, with staircase and end value), hence the other name; this is
+  ``optax.exponential_decay(lr, 1, gamma)``. ``gamma`` must be in (0, 1] for a decay.
 
   Args:
     lr: initial learning rate, >= 0.
@@ -543,7 +537,7 @@ def exponential_decay(lr: float, gamma: float) -> Schedule:
   Returns:
     A schedule ``step -> lr`` (float32).
   """
-  owner = "exponential_decay"
+  owner = "exponential_lr"
   base = _real(owner, "lr", lr, lo=0.0)
   g = _real(owner, "gamma", gamma, lo=0.0, lo_open=True, hi=1.0)
   log_gamma = math.log(g)
@@ -579,9 +573,5 @@ def cosine_annealing(lr: float, T_max: int, eta_min: float = 0.0) -> Schedule:  
   owner = "cosine_annealing"
   base, low = _check_peak_min(owner, lr, eta_min, peak_name="lr", min_name="eta_min")
   t_max = _steps(owner, "T_max", T_max, lo=1)
-
-  def schedule(step: Any) -> jax.Array:
-    rem = _remaining(_float_step(step), t_max, t_max)
-    return _interp(low, base, rem, _cosine_factor(rem))
-
-  return schedule
+  # warmup_cosine without warmup.
+  return _decay_schedule(base, low, 0, t_max, _cosine_factor)

@@ -148,7 +148,7 @@ def ref_step_decay(step, lr, step_size, gamma=0.1):
   return lr * gamma**(step // step_size)
 
 
-def ref_exponential_decay(step, lr, gamma):
+def ref_exponential_lr(step, lr, gamma):
   return lr * gamma**step
 
 
@@ -221,7 +221,7 @@ CLOSED_FORM_CASES = (
   + [("inverse_sqrt", ref_inverse_sqrt, c) for c in INV_SQRT_CASES]
   + [("wsd", ref_wsd, c) for c in WSD_CASES]
   + [("step_decay", ref_step_decay, c) for c in STEP_CASES]
-  + [("exponential_decay", ref_exponential_decay, c) for c in EXP_CASES]
+  + [("exponential_lr", ref_exponential_lr, c) for c in EXP_CASES]
   + [("cosine_annealing", ref_cosine_annealing, c) for c in COS_ANNEAL_CASES]
 )
 
@@ -289,12 +289,12 @@ def test_matches_closed_form_at_every_step(index, per_step_jit_values):
   ("wsd", dict(peak_lr=1e-3, warmup_steps=1000, stable_steps=200_000, decay_steps=50_000,
                decay_type="1-sqrt"), ref_wsd),
   ("inverse_sqrt", dict(peak_lr=1e-3, warmup_steps=4000), ref_inverse_sqrt),
-  ("exponential_decay", dict(lr=1.0, gamma=0.99999), ref_exponential_decay),
+  ("exponential_lr", dict(lr=1.0, gamma=0.99999), ref_exponential_lr),
 ])
 def test_long_runs_sampled(name, kw, ref):
   """Realistic run lengths: sampled steps, including the last steps before the end."""
   schedule = getattr(S, name)(**kw)
-  end = _end(name, kw) if name not in ("inverse_sqrt", "exponential_decay") else 300_000
+  end = _end(name, kw) if name not in ("inverse_sqrt", "exponential_lr") else 300_000
   # L steps for every case (a shared shape, see L above).
   steps = np.concatenate([np.linspace(0, end + 100, L - 24).astype(int),
                           np.arange(end - 21, end + 3)])
@@ -313,7 +313,7 @@ def test_large_and_negative_steps():
     S.cosine_annealing(1e-3, 1000, eta_min=1e-5),
   ]
   inv = S.inverse_sqrt(1e-3, 4000)
-  others = [inv, S.constant_with_warmup(1e-3, 10), S.exponential_decay(1.0, 0.9),
+  others = [inv, S.constant_with_warmup(1e-3, 10), S.exponential_lr(1.0, 0.9),
             S.step_decay(1.0, 2**40)]
   big = [10**9, 2**31 - 1]
   steps = jnp.array(big + [-5, 0], jnp.int32)
@@ -333,7 +333,7 @@ def test_large_and_negative_steps():
                              [ref_inverse_sqrt(t, 1e-3, 4000) for t in big], rtol=RTOL)
   assert float(S.constant_with_warmup(1e-3, 10)(10**9)) == np.float32(1e-3)
   np.testing.assert_array_equal(np.asarray(const_at), np.float32([1e-3, 1e-3, 0.0, 0.0]))
-  assert float(S.exponential_decay(1.0, 0.9)(10**9)) == 0.0
+  assert float(S.exponential_lr(1.0, 0.9)(10**9)) == 0.0
   np.testing.assert_array_equal(np.asarray(exp_at), np.float32([0.0, 0.0, 1.0, 1.0]))
   assert float(S.step_decay(1.0, 2**40)(2**31 - 1)) == 1.0
   np.testing.assert_array_equal(np.asarray(step_at), np.float32([1.0, 1.0, 1.0, 1.0]))
@@ -392,11 +392,11 @@ def test_step_decay_vs_torch_steplr(torch, kw):
 
 
 @pytest.mark.parametrize("kw", EXP_CASES)
-def test_exponential_decay_vs_torch_exponentiallr(torch, kw):
+def test_exponential_lr_vs_torch_exponentiallr(torch, kw):
   n = 60
   expected = _torch_lrs(torch, kw["lr"], lambda o: torch.optim.lr_scheduler.ExponentialLR(
       o, gamma=kw["gamma"]), n)
-  np.testing.assert_allclose(_ours(S.exponential_decay(**kw), n), expected, rtol=RTOL, atol=0)
+  np.testing.assert_allclose(_ours(S.exponential_lr(**kw), n), expected, rtol=RTOL, atol=0)
 
 
 @pytest.mark.parametrize("kw", COS_ANNEAL_CASES)
@@ -523,7 +523,7 @@ def test_warmup_decay_properties(case):
 @settings(max_examples=30, deadline=None)
 @given(lr=st.floats(1e-6, 10.0), gamma=st.floats(1e-3, 1.0), step_size=st.integers(1, 20))
 def test_multiplicative_decay_properties(lr, gamma, step_size):
-  for sched in (S.step_decay(lr, step_size, gamma), S.exponential_decay(lr, gamma)):
+  for sched in (S.step_decay(lr, step_size, gamma), S.exponential_lr(lr, gamma)):
     vals = np.asarray(sched(STEPS))
     assert vals.dtype == np.float32
     assert vals[0] == np.float32(lr)
@@ -543,7 +543,7 @@ ALL_SCHEDULES = {
   "constant_with_warmup": S.constant_with_warmup(1e-3, 10),
   "inverse_sqrt": S.inverse_sqrt(1e-3, 10),
   "step_decay": S.step_decay(1e-3, 10, 0.5),
-  "exponential_decay": S.exponential_decay(1e-3, 0.97),
+  "exponential_lr": S.exponential_lr(1e-3, 0.97),
   "cosine_annealing": S.cosine_annealing(1e-3, 50),
 }
 
@@ -552,6 +552,9 @@ def test_all_public_names_exported():
   assert sorted(S.__all__) == sorted(ALL_SCHEDULES)
   for name in S.__all__:
     assert callable(getattr(S, name))
+    # A name shared with optax would have to mean the same thing; none is shared
+    # (exponential_lr is torch's ExponentialLR, not optax.exponential_decay).
+    assert not hasattr(optax.schedules, name) and not hasattr(optax, name), name
 
 
 def test_dtype_shape_jit_vmap():
@@ -652,7 +655,7 @@ BAD_ARGS = [
   (S.inverse_sqrt, dict(peak_lr=1.0, warmup_steps=-1), "warmup_steps"),
   (S.inverse_sqrt, dict(peak_lr=1.0, warmup_steps=1, timescale=0), "timescale"),
   (S.inverse_sqrt, dict(peak_lr=1.0, warmup_steps=1, timescale=2.5), "timescale"),
-  # step_decay / exponential_decay / cosine_annealing
+  # step_decay / exponential_lr / cosine_annealing
   (S.step_decay, dict(lr=-1.0, step_size=10), "lr"),
   (S.step_decay, dict(lr=1.0, step_size=0), "step_size"),
   (S.step_decay, dict(lr=1.0, step_size=2.5), "step_size"),
@@ -660,11 +663,11 @@ BAD_ARGS = [
   (S.step_decay, dict(lr=1.0, step_size=10, gamma=0.0), "gamma"),
   (S.step_decay, dict(lr=1.0, step_size=10, gamma=-0.5), "gamma"),
   (S.step_decay, dict(lr=1.0, step_size=10, gamma=1.5), "gamma"),
-  (S.exponential_decay, dict(lr=1.0, gamma=0.0), "gamma"),
-  (S.exponential_decay, dict(lr=1.0, gamma=-0.9), "gamma"),
-  (S.exponential_decay, dict(lr=1.0, gamma=1.01), "gamma"),
-  (S.exponential_decay, dict(lr=1.0, gamma=float("nan")), "gamma"),
-  (S.exponential_decay, dict(lr=float("inf"), gamma=0.9), "lr"),
+  (S.exponential_lr, dict(lr=1.0, gamma=0.0), "gamma"),
+  (S.exponential_lr, dict(lr=1.0, gamma=-0.9), "gamma"),
+  (S.exponential_lr, dict(lr=1.0, gamma=1.01), "gamma"),
+  (S.exponential_lr, dict(lr=1.0, gamma=float("nan")), "gamma"),
+  (S.exponential_lr, dict(lr=float("inf"), gamma=0.9), "lr"),
   (S.cosine_annealing, dict(lr=1.0, T_max=0), "T_max"),
   (S.cosine_annealing, dict(lr=1.0, T_max=10.0), "T_max"),
   (S.cosine_annealing, dict(lr=-1.0, T_max=10), "lr"),
@@ -694,7 +697,7 @@ def test_valid_edge_arguments_accepted():
   assert float(S.warmup_cosine(0.0, 0, 1)(5)) == 0.0
   assert float(S.linear_decay(1.0, np.int64(5), np.int32(10), min_lr=1.0)(7)) == 1.0
   assert float(S.step_decay(1.0, 3, gamma=1.0)(100)) == 1.0
-  assert float(S.exponential_decay(np.float32(0.5), np.float64(1.0))(100)) == 0.5
+  assert float(S.exponential_lr(np.float32(0.5), np.float64(1.0))(100)) == 0.5
   assert float(S.inverse_sqrt(1.0, 0)(30_000)) == pytest.approx(0.5, rel=1e-6)
   assert float(S.wsd(1.0, 0, 5, 0)(4)) == 1.0
   assert float(S.wsd(1.0, 0, 5, 0)(5)) == 0.0

@@ -20,8 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxopt_llm._validation import check_choice, check_real
-
-_REDUCTIONS = ("mean", "sum", "none")
+from jaxopt_llm.losses._common import REDUCTIONS
 # CLIP (Radford et al., 2021, sec. 2.5): the logit scale is a learned log-parameter,
 # initialised to log(1 / 0.07) and clipped so the scale never exceeds 100.
 CLIP_INIT_LOGIT_SCALE = math.log(1.0 / 0.07)
@@ -67,15 +66,19 @@ def l2_normalize(x: jax.typing.ArrayLike, *, axis: int = -1,
   return x * lax.rsqrt(jnp.maximum(sq, jnp.square(jnp.float32(eps))))
 
 
-def cosine_similarity(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike, *,
-                      eps: float = 1e-8) -> jax.Array:
-  r"""Pairwise cosine similarity ``<a_i, b_j> / (||a_i|| ||b_j||)``.
+def pairwise_cosine_similarity(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike, *,
+                               eps: float = 1e-8) -> jax.Array:
+  r"""Cosine similarity of every row of ``a`` with every row of ``b``:
+  ``S_ij = <a_i, b_j> / (||a_i|| ||b_j||)``.
 
-  ``a`` is ``[N, D]`` and ``b`` is ``[M, D]``; the result is float32 ``[N, M]``. Each row
-  is normalised by :func:`l2_normalize` (so a zero row has similarity 0 to everything,
-  never NaN).
+  ``a`` is ``[N, D]`` and ``b`` is ``[M, D]``; the result is float32 ``[N, M]`` (the
+  similarity matrix of the contrastive losses). Each row is normalised by
+  :func:`l2_normalize` (so a zero row has similarity 0 to everything, never NaN). Not
+  ``optax.losses.cosine_similarity(predictions, targets)``, which compares matched rows
+  (``[..., D]`` with ``[..., D]`` gives ``[...]``): that is ``jnp.sum(l2_normalize(a) *
+  l2_normalize(b), -1)`` here.
   """
-  owner = "cosine_similarity"
+  owner = "pairwise_cosine_similarity"
   a = _check_features(owner, "a", a, 2)
   b = _check_features(owner, "b", b, 2)
   if a.shape[-1] != b.shape[-1]:
@@ -132,7 +135,7 @@ def info_nce(
   """
   owner = "info_nce"
   check_real(owner, "temperature", temperature, lo=0.0, lo_open=True)
-  check_choice(owner, "reduction", reduction, _REDUCTIONS)
+  check_choice(owner, "reduction", reduction, REDUCTIONS)
   query = _check_features(owner, "query", query, 2)
   positive = _check_features(owner, "positive", positive, 2)
   negatives = _check_features(owner, "negatives", negatives, (2, 3))

@@ -1,184 +1,38 @@
 """Token-level cross-entropy for language models.
 
 ``cross_entropy`` follows ``torch.nn.functional.cross_entropy`` (ignore_index, label
-smoothing, reductions) and adds the PaLM z-loss. ``causal_lm_loss`` applies it to
-next-token prediction. The private helpers below (``_validated_targets`` /
-``_validated_labels`` for argument checks, ``_mask`` / ``_token_log_probs`` / ``_reduce``
-for masking, the safe gather and reductions) hold that logic once; ``metrics.py`` and
-``fused.py`` are built on them.
+smoothing, reductions) and adds the PaLM z-loss; ``causal_lm_loss`` applies it to
+next-token prediction. Validation, masking, the per-token formula and the reductions are
+``_common``'s, shared with the fused loss, the metrics and ``sequence_log_probs``.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.experimental import checkify
 
-from jaxopt_llm._validation import check_choice, check_int, check_real, is_concrete
-
-_REDUCTIONS = ("mean", "sum", "none")
-
-
-class _Targets(NamedTuple):
-  """Inputs of a token loss after validation, upcast and masking."""
-  logits: jax.Array     # float32 [..., V]; rows that do not count are zeroed.
-  labels: jax.Array     # int32 [...], always in [0, V) so the gather is safe.
-  valid: jax.Array      # bool [...], True where the token counts.
-  bad: jax.Array        # bool [...], True where a counted label is outside [0, V).
-
-
-def _check_logits(owner: str, name: str, logits: jax.Array, min_ndim: int = 1) -> None:
-  if not jnp.issubdtype(logits.dtype, jnp.floating):
-    raise ValueError(
-        f"{owner}: `{name}` must be a floating array, got dtype {logits.dtype}")
-  if logits.ndim < min_ndim:
-    raise ValueError(
-        f"{owner}: `{name}` must have at least {min_ndim} dimension(s), got shape "
-        f"{logits.shape}")
-
-
-def _as_mask(owner: str, where: Any, shape: tuple[int, ...]) -> jax.Array:
-  where = jnp.asarray(where)
-  # Integer 0/1 masks (e.g. a tokenizer's attention_mask) are accepted; floats are not,
-  # since a soft weight silently rounded to a hard mask would be a different loss.
-  if not (where.dtype == jnp.bool_ or jnp.issubdtype(where.dtype, jnp.integer)):
-    raise ValueError(f"{owner}: `where` must be a boolean (or integer 0/1) array, got "
-                     f"dtype {where.dtype}")
-  if where.shape != tuple(shape):
-    raise ValueError(f"{owner}: `where` must have shape {tuple(shape)}, got {where.shape}")
-  return where.astype(jnp.bool_)
-
-
-def _validated_targets(owner: str, logits: Any, labels: Any, *, ignore_index: int,
-                       where: Any | None, validate: bool = False,
-                       labels_name: str = "labels") -> _Targets:
-  """Validates a (logits, labels, where) triple and returns its ``_Targets``.
-
-  Raises ValueError on bad shapes/dtypes and, when ``labels`` is concrete, on counted
-  labels outside ``[0, V)``. When traced, ``validate`` adds a checkify check instead.
-  """
-  logits = jnp.asarray(logits)
-  _check_logits(owner, "logits", logits)
-  valid, safe_labels, bad = _validated_labels(
-      owner, labels, logits.shape[:-1], logits.shape[-1], ignore_index=ignore_index,
-      where=where, validate=validate, labels_name=labels_name,
-      shape_name="logits.shape[:-1]")
-  return _Targets(_masked_logits(logits, valid), safe_labels, valid, bad)
-
-
-def _validated_labels(owner: str, labels: Any, shape: tuple[int, ...], vocab: int, *,
-                      ignore_index: int, where: Any | None, validate: bool,
-                      labels_name: str, shape_name: str,
-                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The label half of ``_validated_targets``: returns ``_mask``'s (valid, labels, bad).
-
-  Needs only the vocabulary size, not the logits, so the fused loss (which never holds
-  the logits) validates exactly like ``cross_entropy``. ``shape_name`` says where the
-  expected ``shape`` comes from in the error message.
-  """
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"{owner}: `{labels_name}` must be an integer array, got dtype "
-                     f"{labels.dtype}")
-  if tuple(shape) != labels.shape:
-    raise ValueError(
-        f"{owner}: `{labels_name}` must have shape {shape_name} = "
-        f"{tuple(shape)}, got {labels.shape}")
-  check_int(owner, "ignore_index", ignore_index)
-  # Signed and at least 32-bit, so comparisons with a negative ignore_index or with V
-  # cannot overflow; a huge unsigned label wraps to a negative, still out-of-range value.
-  labels = labels.astype(jnp.int64 if labels.dtype.itemsize == 8 else jnp.int32)
-  if where is not None:
-    where = _as_mask(owner, where, labels.shape)
-
-  eager = is_concrete(labels) and (where is None or is_concrete(where))
-  if eager:
-    # Eager: the values are on hand, so a bad label is always an error. numpy, not jnp:
-    # inside an outer jit even ops on concrete inputs would be traced.
-    labels_np = np.asarray(labels)
-    bad_np = (labels_np != ignore_index) & ((labels_np < 0) | (labels_np >= vocab))
-    if where is not None:
-      bad_np &= np.asarray(where)
-    if bad_np.any():
-      values = np.unique(labels_np[bad_np])
-      shown = values[:10].tolist()
-      more = "" if values.size <= 10 else f" (and {values.size - 10} more)"
-      raise ValueError(
-          f"{owner}: `{labels_name}` must be in [0, {vocab}) or equal to ignore_index "
-          f"({ignore_index}); got out-of-range value(s) {shown}{more}")
-  valid, safe_labels, bad = _mask(labels, where, ignore_index, vocab)
-  if validate and not eager and labels.size:
-    bad_flat = bad.reshape(-1)
-    first = jnp.argmax(bad_flat)
-    checkify.check(
-        ~jnp.any(bad_flat),
-        f"{owner}: `{labels_name}` must be in [0, {vocab}) or equal to ignore_index "
-        f"({ignore_index}); got out-of-range value {{value}} at flat index {{index}}",
-        value=labels.reshape(-1)[first], index=first)
-  return valid, safe_labels, bad
-
-
-def _mask(labels: jax.Array, where: jax.Array | None, ignore_index: int,
-          vocab: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The one place masking is decided: (valid, safe gather index, bad) per token."""
-  valid = labels != ignore_index
-  if where is not None:
-    valid = valid & where
-  in_range = (labels >= 0) & (labels < vocab)
-  # The gather index is always in range: a plain gather would clamp or wrap a bad index
-  # into a plausible-looking finite loss; ``bad`` marks those tokens for NaN instead.
-  safe_labels = jnp.where(valid & in_range, labels, 0).astype(jnp.int32)
-  return valid, safe_labels, valid & ~in_range
-
-
-def _masked_logits(logits: jax.Array, valid: jax.Array) -> jax.Array:
-  # Zero the rows that do not count *before* any math: their (possibly inf/NaN) logits
-  # then cannot leak NaN into the value or, through 0 * NaN, into the gradient.
-  return jnp.where(valid[..., None], logits.astype(jnp.float32), 0.0)
-
-
-def _token_log_probs(t: _Targets) -> tuple[jax.Array, jax.Array]:
-  """Returns (log p(y), logsumexp(z)) per token: 0 where not valid, NaN where bad."""
-  lse = jax.nn.logsumexp(t.logits, axis=-1)
-  z_y = jnp.take_along_axis(t.logits, t.labels[..., None], axis=-1)[..., 0]
-  log_p = jnp.where(t.bad, jnp.nan, z_y - lse)
-  return jnp.where(t.valid, log_p, 0.0), lse
-
-
-def _reduce(per_token: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:
-  if reduction == "none":
-    return per_token
-  total = jnp.sum(per_token)
-  if reduction == "sum":
-    return total
-  # max(count, 1): an all-masked batch has total == 0, so the mean is 0 with zero
-  # gradient instead of 0/0.
-  count = jnp.sum(valid, dtype=jnp.float32)
-  return total / jnp.maximum(count, 1.0)
+from jaxopt_llm._validation import check_choice, check_real
+from jaxopt_llm.losses._common import (
+    REDUCTIONS, is_static_zero, reduce_masked, sequence_targets, token_log_probs,
+    token_loss, validated_targets)
 
 
 def _cross_entropy(owner: str, labels_name: str, logits: Any, labels: Any, *,
                    ignore_index: int, label_smoothing: float, z_loss: float,
                    reduction: str, where: Any | None, validate: bool) -> jax.Array:
-  check_choice(owner, "reduction", reduction, _REDUCTIONS)
+  """``cross_entropy`` with the caller's name and labels' name in error messages."""
+  check_choice(owner, "reduction", reduction, REDUCTIONS)
   check_real(owner, "label_smoothing", label_smoothing, lo=0.0, hi=1.0)
   check_real(owner, "z_loss", z_loss, lo=0.0)
-  t = _validated_targets(
+  t = validated_targets(
       owner, logits, labels, ignore_index=ignore_index, where=where, validate=validate,
       labels_name=labels_name)
-  log_p, lse = _token_log_probs(t)
-  loss = -log_p
-  # Static skips: with a Python 0.0 the extra terms are not built at all, so e.g. an
-  # overflowing mean_c(z) or lse**2 for huge logits cannot turn into 0 * inf = NaN.
-  if not (is_concrete(label_smoothing) and float(label_smoothing) == 0.0):
-    eps = jnp.asarray(label_smoothing, jnp.float32)
-    loss = (1.0 - eps) * loss + eps * (lse - jnp.mean(t.logits, axis=-1))
-  if not (is_concrete(z_loss) and float(z_loss) == 0.0):
-    loss = loss + jnp.asarray(z_loss, jnp.float32) * jnp.square(lse)
-  loss = jnp.where(t.valid, loss, 0.0)
-  return _reduce(loss, t.valid, reduction)
+  log_p, lse = token_log_probs(t)
+  loss = token_loss(
+      t.logits, log_p, lse, t.valid,
+      label_smoothing=None if is_static_zero(label_smoothing) else label_smoothing,
+      z_loss=None if is_static_zero(z_loss) else z_loss)
+  return reduce_masked(loss, t.valid, reduction)
 
 
 def cross_entropy(
@@ -281,21 +135,13 @@ def causal_lm_loss(logits: jax.typing.ArrayLike, input_ids: jax.typing.ArrayLike
     As :func:`cross_entropy`; ``reduction="none"`` gives shape ``[..., T - 1]``.
   """
   owner = "causal_lm_loss"
-  logits = jnp.asarray(logits)
-  input_ids = jnp.asarray(input_ids)
-  _check_logits(owner, "logits", logits, min_ndim=2)
-  if logits.shape[:-1] != input_ids.shape:
-    raise ValueError(
-        f"{owner}: `input_ids` must have shape logits.shape[:-1] = {logits.shape[:-1]}, "
-        f"got {input_ids.shape}")
-  where = kwargs.pop("where", None)
-  if where is not None:
-    where = _as_mask(owner, where, input_ids.shape)[..., 1:]
+  logits, labels, where = sequence_targets(
+      owner, logits, input_ids, kwargs.pop("where", None), labels_name="input_ids",
+      shift=True)
   # cross_entropy's own defaults, so the two functions cannot drift apart.
   params = {k: v for k, v in cross_entropy.__kwdefaults__.items() if k != "where"}
   unknown = set(kwargs) - set(params)
   if unknown:
     raise TypeError(f"{owner}: unexpected keyword argument(s) {sorted(unknown)}")
   params.update(kwargs)
-  return _cross_entropy(owner, "input_ids", logits[..., :-1, :], input_ids[..., 1:],
-                        where=where, **params)
+  return _cross_entropy(owner, "input_ids", logits, labels, where=where, **params)

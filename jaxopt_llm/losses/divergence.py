@@ -11,15 +11,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_llm._validation import check_choice
-from jaxopt_llm.losses.cross_entropy import _as_mask, _check_logits, _reduce
-
-_REDUCTIONS = ("none", "mean", "sum")
+from jaxopt_llm.losses._common import REDUCTIONS, as_mask, check_floating, reduce_masked
 
 
 def _row_mask(owner: str, logits: jax.Array, where: Any | None) -> jax.Array:
   if where is None:
     return jnp.ones(logits.shape[:-1], jnp.bool_)
-  return _as_mask(owner, where, logits.shape[:-1])
+  return as_mask(owner, where, logits.shape[:-1])
 
 
 def _masked_log_softmax(logits: jax.Array, rows: jax.Array) -> jax.Array:
@@ -40,7 +38,7 @@ def _p_times(log_p: jax.Array, value: jax.Array, support: jax.Array) -> jax.Arra
   return jnp.sum(jnp.where(support, jnp.exp(log_p) * safe_value, 0.0), axis=-1)
 
 
-def kl_divergence(
+def kl_divergence_from_logits(
     p_logits: jax.typing.ArrayLike,
     q_logits: jax.typing.ArrayLike,
     *,
@@ -56,9 +54,11 @@ def kl_divergence(
   with ``log p``, ``log q`` from ``jax.nn.log_softmax`` in float32. Classes with
   ``p_c == 0`` (``p_logits`` of ``-inf``, or underflow) contribute exactly 0 with zero
   gradient. Where ``p_c > 0`` but ``q_c == 0`` the divergence is ``+inf``, as it should
-  be. Same convention as ``torch.nn.functional.kl_div(log_q, log_p, log_target=True,
-  reduction="none").sum(-1)`` and ``optax.losses.kl_divergence`` (note the argument
-  order: here the *first* argument is the reference distribution ``p``).
+  be. Equal to ``torch.nn.functional.kl_div(log_q, log_p, log_target=True,
+  reduction="none").sum(-1)`` and to ``optax.losses.kl_divergence_with_log_targets(
+  log_q, log_p)``. Named apart from ``optax.losses.kl_divergence(log_predictions,
+  targets)``, which takes log-probabilities and probabilities in the other order: here
+  both arguments are logits and the *first* is the reference distribution ``p``.
 
   Args:
     p_logits: ``[..., V]`` logits of ``p`` (e.g. the teacher).
@@ -71,12 +71,12 @@ def kl_divergence(
   Returns:
     float32 ``[...]`` or a float32 scalar.
   """
-  owner = "kl_divergence"
-  check_choice(owner, "reduction", reduction, _REDUCTIONS)
+  owner = "kl_divergence_from_logits"
+  check_choice(owner, "reduction", reduction, REDUCTIONS)
   p_logits = jnp.asarray(p_logits)
   q_logits = jnp.asarray(q_logits)
-  _check_logits(owner, "p_logits", p_logits)
-  _check_logits(owner, "q_logits", q_logits)
+  check_floating(owner, "p_logits", p_logits)
+  check_floating(owner, "q_logits", q_logits)
   if q_logits.shape != p_logits.shape:
     raise ValueError(f"{owner}: `q_logits` must have the shape of p_logits "
                      f"{p_logits.shape}, got {q_logits.shape}")
@@ -87,7 +87,7 @@ def kl_divergence(
   # log q of -inf as 0 * inf.
   support = jnp.exp(log_p) > 0
   kl = jnp.where(rows, _p_times(log_p, log_p - log_q, support), 0.0)
-  return _reduce(kl, rows, reduction)
+  return reduce_masked(kl, rows, reduction)
 
 
 def entropy(
@@ -113,11 +113,11 @@ def entropy(
     float32 ``[...]`` or a float32 scalar.
   """
   owner = "entropy"
-  check_choice(owner, "reduction", reduction, _REDUCTIONS)
+  check_choice(owner, "reduction", reduction, REDUCTIONS)
   logits = jnp.asarray(logits)
-  _check_logits(owner, "logits", logits)
+  check_floating(owner, "logits", logits)
   rows = _row_mask(owner, logits, where)
   log_p = _masked_log_softmax(logits, rows)
   support = jnp.exp(log_p) > 0
   h = jnp.where(rows, -_p_times(log_p, log_p, support), 0.0)
-  return _reduce(h, rows, reduction)
+  return reduce_masked(h, rows, reduction)

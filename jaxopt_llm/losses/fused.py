@@ -7,8 +7,11 @@ at any time. The same idea is behind Liger Kernel's FusedLinearCrossEntropy, App
 Cross-Entropy (Wijmans et al., 2024) and Levanter's blockwise cross-entropy; here it is pure
 ``jax.numpy`` + ``jax.custom_vjp``.
 
-Masking, label smoothing, z-loss and the reductions come from ``cross_entropy.py``'s
-helpers, so both functions decide them in one place.
+Label validation, masking and the per-token loss (label smoothing, z-loss) are
+``_common``'s, the same functions ``cross_entropy`` calls, so both decide them in one
+place; only the gradient of that loss is written out here (the backward never sees the
+logits). Inside ``jax.shard_map`` the loop carries and gradients follow
+``jaxopt_llm._shard_map``'s varying-axes rules.
 """
 from __future__ import annotations
 
@@ -21,8 +24,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxopt_llm._validation import check_choice, check_int, check_real, is_concrete
-from jaxopt_llm.losses.cross_entropy import _REDUCTIONS, _check_logits, _validated_labels
+from jaxopt_llm._shard_map import as_varying, tree_varying_axes, varying_axes
+from jaxopt_llm._validation import check_choice, check_int, check_real
+from jaxopt_llm.losses._common import (
+    REDUCTIONS, check_floating, is_static_zero, label_log_probs, token_loss,
+    validated_labels)
 
 # Default chunk: the most tokens whose float32 [C, V] logits block fits in a byte budget,
 # rounded down to a multiple of 128 (a power of two below 128). Two such blocks are alive
@@ -40,8 +46,9 @@ _MIN_CHUNK = 16
 # XLA:CPU does not accumulate a matmul into its destination, so each chunk's [d, V]
 # kernel-gradient product would be a d x V temporary as large as the kernel; on CPU it is
 # made in vocabulary blocks of at most this many bytes. GPU matmuls can add into the
-# accumulator in place (cuBLAS beta = 1), so there it is one product.
-_KERNEL_GRAD_BLOCK_BYTES = {"cpu": 16 * 2**20}
+# accumulator in place (cuBLAS beta = 1), so there it is one product. Public so it can be
+# tuned (and the blocked path tested on small shapes); read at each call.
+KERNEL_GRAD_BLOCK_BYTES: dict[str, int] = {"cpu": 16 * 2**20}
 
 
 def default_chunk_size(num_tokens: int, vocab_size: int, backend: str | None = None) -> int:
@@ -139,15 +146,11 @@ def _sweep(st: _Static, hidden: jax.Array, kernel: jax.Array, bias: jax.Array | 
     out = dict(carry)
 
     if loss_mode is not None:
-      # The equations of cross_entropy._cross_entropy, row by row.
-      z_y = jnp.take_along_axis(z, y_c[:, None], axis=-1)[:, 0]
-      log_p = jnp.where(bad_c, jnp.nan, z_y - lse_c)
-      loss = -jnp.where(live_c, log_p, 0.0)
-      if st.smoothing:
-        loss = (1.0 - eps) * loss + eps * (lse_c - jnp.mean(z, axis=-1))
-      if st.zloss:
-        loss = loss + zl * jnp.square(lse_c)
-      loss = jnp.where(live_c, loss, 0.0)
+      # cross_entropy's per-token loss, row by row.
+      log_p = label_log_probs(z, y_c, lse_c, live_c, bad_c)
+      loss = token_loss(z, log_p, lse_c, live_c,
+                        label_smoothing=eps if st.smoothing else None,
+                        z_loss=zl if st.zloss else None)
       if loss_mode == "sum":
         out["loss"] = carry["loss"] + jnp.sum(loss)
       else:
@@ -193,30 +196,10 @@ def _sweep(st: _Static, hidden: jax.Array, kernel: jax.Array, bias: jax.Array | 
     init["dw"] = jnp.zeros((d, vocab), jnp.float32)
   if need.bias:
     init["db"] = jnp.zeros((vocab,), jnp.float32)
-  varying = _vma(hidden, kernel, bias, labels, live, bad, hyper, weight, lse)
-  return lax.fori_loop(0, n_chunks, body, _as_varying(init, varying))
-
-
-def _varying_axes(x: Any) -> frozenset:
-  """Mesh axes over which ``x`` varies inside ``shard_map`` (empty elsewhere)."""
-  aval = jax.typeof(x)
-  mat = getattr(aval, "mat", None)          # jax >= 0.9: ManualAxisType
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, "vma", ()))  # older jax
-
-
-def _vma(*trees: Any) -> frozenset:
-  return frozenset().union(*(_varying_axes(x) for x in jax.tree.leaves(trees)))
-
-
-def _as_varying(tree: Any, axes: frozenset) -> Any:
   # Inside shard_map a loop carry must already vary over the axes its updates vary
   # over (the per-device hidden states), or lax.fori_loop rejects it.
-  def cast(x):
-    missing = axes - _varying_axes(x)
-    return lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
-  return jax.tree.map(cast, tree)
+  varying = tree_varying_axes(hidden, kernel, bias, labels, live, bad, hyper, weight, lse)
+  return lax.fori_loop(0, n_chunks, body, as_varying(init, varying))
 
 
 def _add_kernel_grad(acc: jax.Array, h_c: jax.Array, g_c: jax.Array,
@@ -277,8 +260,8 @@ def _fused_fwd(st, hidden, kernel, bias, labels, live, bad, denom, hyper):
   hyper = jax.tree.map(value, hyper)
   need = dataclasses.replace(
       need,
-      axes=(_varying_axes(hidden), _varying_axes(kernel),
-            frozenset() if bias is None else _varying_axes(bias)),
+      axes=(varying_axes(hidden), varying_axes(kernel),
+            frozenset() if bias is None else varying_axes(bias)),
       dtypes=(hidden.dtype, kernel.dtype, None if bias is None else bias.dtype))
   if st.reduction == "none":
     # The cotangent is per token and unknown yet: keep O(N) residuals (the logsumexp)
@@ -309,7 +292,7 @@ def _finish(x: jax.Array | None, dtype, axes: frozenset,
   x = x.astype(jnp.float32)
   if g is not None:
     x = g * x
-  extra = _varying_axes(x) - axes
+  extra = varying_axes(x) - axes
   if extra:
     x = lax.psum(x, tuple(sorted(extra)))
   return x.astype(dtype)
@@ -426,7 +409,7 @@ def fused_linear_cross_entropy(
       ``kernel`` / ``bias`` / ``labels`` / ``where``, or (eagerly) out-of-range labels.
   """
   owner = "fused_linear_cross_entropy"
-  check_choice(owner, "reduction", reduction, _REDUCTIONS)
+  check_choice(owner, "reduction", reduction, REDUCTIONS)
   check_real(owner, "label_smoothing", label_smoothing, lo=0.0, hi=1.0)
   check_real(owner, "z_loss", z_loss, lo=0.0)
   if chunk_size is not None:
@@ -436,9 +419,8 @@ def fused_linear_cross_entropy(
 
   hidden = jnp.asarray(hidden)
   kernel = jnp.asarray(kernel)
-  _check_logits(owner, "hidden", hidden)
-  if not jnp.issubdtype(kernel.dtype, jnp.floating):
-    raise ValueError(f"{owner}: `kernel` must be a floating array, got dtype {kernel.dtype}")
+  check_floating(owner, "hidden", hidden)
+  check_floating(owner, "kernel", kernel)
   if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1] or kernel.shape[1] < 1:
     raise ValueError(
         f"{owner}: `kernel` must have shape [d, V] = [{hidden.shape[-1]}, V] with V >= 1 "
@@ -446,13 +428,12 @@ def fused_linear_cross_entropy(
   vocab = kernel.shape[1]
   if bias is not None:
     bias = jnp.asarray(bias)
-    if not jnp.issubdtype(bias.dtype, jnp.floating):
-      raise ValueError(f"{owner}: `bias` must be a floating array, got dtype {bias.dtype}")
+    check_floating(owner, "bias", bias)
     if bias.shape != (vocab,):
       raise ValueError(
           f"{owner}: `bias` must have shape [V] = ({vocab},), got {bias.shape}")
   batch_shape = hidden.shape[:-1]
-  live, safe_labels, bad = _validated_labels(
+  live, safe_labels, bad = validated_labels(
       owner, labels, batch_shape, vocab, ignore_index=ignore_index, where=where,
       validate=validate, labels_name="labels", shape_name="hidden.shape[:-1]")
 
@@ -461,19 +442,20 @@ def fused_linear_cross_entropy(
     return jnp.zeros(batch_shape if reduction == "none" else (), jnp.float32)
   backend = jax.default_backend()
   chunk = default_chunk_size(n, vocab, backend) if chunk_size is None else min(chunk_size, n)
-  block_bytes = _KERNEL_GRAD_BLOCK_BYTES.get(backend)
+  block_bytes = KERNEL_GRAD_BLOCK_BYTES.get(backend)
   vocab_block = vocab if block_bytes is None else max(block_bytes // (4 * kernel.shape[0]), 1)
 
   st = _Static(
       chunk=chunk, reduction=reduction,
-      smoothing=not (is_concrete(label_smoothing) and float(label_smoothing) == 0.0),
-      zloss=not (is_concrete(z_loss) and float(z_loss) == 0.0),
+      smoothing=not is_static_zero(label_smoothing),
+      zloss=not is_static_zero(z_loss),
       softcap=logit_soft_cap is not None, vocab_block=min(vocab_block, vocab))
   hyper = _Hyper(jnp.asarray(label_smoothing, jnp.float32), jnp.asarray(z_loss, jnp.float32),
                  jnp.asarray(1.0 if logit_soft_cap is None else logit_soft_cap, jnp.float32))
   live = live.reshape(n)
   if reduction == "mean":
-    # max(count, 1): an all-ignored batch gives 0.0 with zero gradients (as _reduce).
+    # max(count, 1): an all-ignored batch gives 0.0 with zero gradients (as
+    # reduce_masked).
     denom = jnp.maximum(jnp.sum(live, dtype=jnp.float32), 1.0)
   else:
     denom = jnp.ones((), jnp.float32)

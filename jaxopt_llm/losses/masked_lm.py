@@ -6,11 +6,13 @@ is plain :func:`~jaxopt_llm.losses.cross_entropy` on them (``masked_lm_loss``).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 from jaxopt_llm._validation import check_int, check_real, is_concrete
-from jaxopt_llm.losses.cross_entropy import _cross_entropy
+from jaxopt_llm.losses.cross_entropy import cross_entropy
 
 
 def mask_tokens(
@@ -98,30 +100,25 @@ def mask_tokens(
   return inputs, labels
 
 
-def masked_lm_loss(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    reduction: str = "mean",
-    where: jax.typing.ArrayLike | None = None,
-    validate: bool = False,
-) -> jax.Array:
+def masked_lm_loss(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
+                   **kwargs: Any) -> jax.Array:
   r"""Cross-entropy on the masked positions only (BERT's MLM loss).
 
   ``labels`` are those of :func:`mask_tokens`: the original token where a position was
-  chosen, ``ignore_index`` elsewhere. The loss is :func:`~jaxopt_llm.losses.cross_entropy`
-  with these labels, so ``"mean"`` averages over the chosen positions of the whole batch
-  (HF's ``BertForMaskedLM``), unchosen positions get zero loss and zero gradient, and a
-  batch with no chosen position gives 0.0, not NaN. All keyword arguments are
-  ``cross_entropy``'s.
+  chosen, ``ignore_index`` elsewhere. The loss is exactly
+  :func:`~jaxopt_llm.losses.cross_entropy` with these labels (this function calls it),
+  so ``"mean"`` averages over the chosen positions of the whole batch (HF's
+  ``BertForMaskedLM``), unchosen positions get zero loss and zero gradient, and a batch
+  with no chosen position gives 0.0, not NaN.
+
+  Args:
+    logits: ``[..., V]`` scores.
+    labels: ``[...]`` labels from :func:`mask_tokens`.
+    **kwargs: keyword arguments of :func:`~jaxopt_llm.losses.cross_entropy`
+      (``ignore_index``, ``label_smoothing``, ``z_loss``, ``reduction``, ``where``,
+      ``validate``); bad ones raise its errors.
 
   Returns:
     As :func:`~jaxopt_llm.losses.cross_entropy`.
   """
-  return _cross_entropy(
-      "masked_lm_loss", "labels", logits, labels, ignore_index=ignore_index,
-      label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction, where=where,
-      validate=validate)
+  return cross_entropy(logits, labels, **kwargs)

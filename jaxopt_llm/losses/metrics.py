@@ -1,90 +1,61 @@
 """Evaluation metrics for token predictions.
 
-All metrics share ``cross_entropy``'s masking: a token counts when
-``label != ignore_index`` and ``where`` is True there. They are float32 and jit-able.
-An all-ignored batch never gives NaN (accuracies 0.0, perplexity 1.0). A counted label
-outside ``[0, V)`` raises ``ValueError`` in an eager call and gives NaN under ``jit``,
-as in :func:`~jaxopt_llm.losses.cross_entropy`.
+Every metric takes ``logits`` (``[..., V]``, any floating dtype), integer ``labels``
+(``[...]``), ``ignore_index`` and an optional boolean ``where`` of ``labels.shape``, with
+``cross_entropy``'s masking: a token counts when ``label != ignore_index`` and ``where``
+is True there. They are float32 and jit-able. An all-ignored batch never gives NaN
+(accuracies 0.0, perplexity 1.0). A counted label outside ``[0, V)`` raises
+``ValueError`` in an eager call and gives NaN under ``jit``, as in
+:func:`~jaxopt_llm.losses.cross_entropy`.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxopt_llm._validation import check_int, check_real
-from jaxopt_llm.losses.cross_entropy import (
-    _reduce, _token_log_probs, _Targets, _validated_targets)
+from jaxopt_llm.losses._common import (
+    Targets, reduce_masked, token_log_probs, validated_targets)
 
 
-def _mean_indicator(correct: jax.Array, t: _Targets) -> jax.Array:
+def _mean_indicator(correct: jax.Array, t: Targets) -> jax.Array:
   # A bad label makes the metric NaN rather than a silently "wrong" prediction.
   hits = jnp.where(t.bad, jnp.nan, correct.astype(jnp.float32))
-  return _reduce(jnp.where(t.valid, hits, 0.0), t.valid, "mean")
+  return reduce_masked(jnp.where(t.valid, hits, 0.0), t.valid, "mean")
 
 
-def perplexity(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    ignore_index: int = -100,
-    where: jax.typing.ArrayLike | None = None,
-) -> jax.Array:
-  r"""Perplexity ``exp(mean_t(-log p(y_t)))`` over the counted tokens.
+def perplexity(logits: ArrayLike, labels: ArrayLike, *, ignore_index: int = -100,
+               where: ArrayLike | None = None) -> jax.Array:
+  r"""Perplexity ``exp(mean_t(-log p(y_t)))`` over the counted tokens (a float32 scalar).
 
   The mean is taken over all counted tokens of the batch together (a token-weighted
   corpus perplexity, not a mean of per-sequence perplexities). With no counted token
-  the mean cross-entropy is 0, so the result is ``exp(0) = 1.0``.
-
-  Args:
-    logits: ``[..., V]`` logits.
-    labels: ``[...]`` integer labels.
-    ignore_index: label value that is not counted.
-    where: optional boolean array of ``labels.shape``; False is not counted.
-
-  Returns:
-    A float32 scalar.
+  the mean cross-entropy is 0, so the result is ``exp(0) = 1.0``. Arguments: see the
+  module docstring.
   """
-  t = _validated_targets("perplexity", logits, labels, ignore_index=ignore_index,
-                         where=where)
-  log_p, _ = _token_log_probs(t)
-  return jnp.exp(_reduce(-log_p, t.valid, "mean"))
+  t = validated_targets("perplexity", logits, labels, ignore_index=ignore_index,
+                        where=where)
+  log_p, _ = token_log_probs(t)
+  return jnp.exp(reduce_masked(-log_p, t.valid, "mean"))
 
 
-def token_accuracy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    ignore_index: int = -100,
-    where: jax.typing.ArrayLike | None = None,
-) -> jax.Array:
-  r"""Fraction of counted tokens with ``argmax_c z_c == y``.
+def token_accuracy(logits: ArrayLike, labels: ArrayLike, *, ignore_index: int = -100,
+                   where: ArrayLike | None = None) -> jax.Array:
+  r"""Fraction of counted tokens with ``argmax_c z_c == y`` (a float32 scalar in [0, 1]).
 
   ``argmax`` breaks ties towards the lowest class index (``jnp.argmax``), so with tied
   top logits this can differ from ``top_k_accuracy(..., k=1)``, which counts ties in the
-  label's favour. With no counted token the result is 0.0.
-
-  Args:
-    logits: ``[..., V]`` logits.
-    labels: ``[...]`` integer labels.
-    ignore_index: label value that is not counted.
-    where: optional boolean array of ``labels.shape``; False is not counted.
-
-  Returns:
-    A float32 scalar in [0, 1].
+  label's favour. With no counted token the result is 0.0. Arguments: see the module
+  docstring.
   """
-  t = _validated_targets("token_accuracy", logits, labels, ignore_index=ignore_index,
-                         where=where)
+  t = validated_targets("token_accuracy", logits, labels, ignore_index=ignore_index,
+                        where=where)
   return _mean_indicator(jnp.argmax(t.logits, axis=-1) == t.labels, t)
 
 
-def top_k_accuracy(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    k: int,
-    *,
-    ignore_index: int = -100,
-    where: jax.typing.ArrayLike | None = None,
-) -> jax.Array:
+def top_k_accuracy(logits: ArrayLike, labels: ArrayLike, k: int, *,
+                   ignore_index: int = -100, where: ArrayLike | None = None) -> jax.Array:
   r"""Fraction of counted tokens whose label is among the ``k`` highest logits.
 
   Defined by rank: a token is correct iff ``#{c : z_c > z_y} < k``. Ties therefore
@@ -93,11 +64,7 @@ def top_k_accuracy(
   With no counted token the result is 0.0.
 
   Args:
-    logits: ``[..., V]`` logits.
-    labels: ``[...]`` integer labels.
-    k: integer >= 1.
-    ignore_index: label value that is not counted.
-    where: optional boolean array of ``labels.shape``; False is not counted.
+    k: integer >= 1 (the other arguments: see the module docstring).
 
   Returns:
     A float32 scalar in [0, 1].
@@ -105,21 +72,15 @@ def top_k_accuracy(
   owner = "top_k_accuracy"
   if not isinstance(k, jax.core.Tracer):
     check_int(owner, "k", k, lo=1)
-  t = _validated_targets(owner, logits, labels, ignore_index=ignore_index,
-                         where=where)
+  t = validated_targets(owner, logits, labels, ignore_index=ignore_index, where=where)
   z_y = jnp.take_along_axis(t.logits, t.labels[..., None], axis=-1)
   rank = jnp.sum(t.logits > z_y, axis=-1)
   return _mean_indicator(rank < k, t)
 
 
-def length_normalized_score(
-    logits: jax.typing.ArrayLike,
-    labels: jax.typing.ArrayLike,
-    *,
-    ignore_index: int = -100,
-    where: jax.typing.ArrayLike | None = None,
-    alpha: float = 1.0,
-) -> jax.Array:
+def length_normalized_score(logits: ArrayLike, labels: ArrayLike, *,
+                            ignore_index: int = -100, where: ArrayLike | None = None,
+                            alpha: float = 1.0) -> jax.Array:
   r"""Per-sequence length-normalised log-likelihood, for ranking continuations.
 
   For a sequence with counted tokens ``t`` (``n`` of them)::
@@ -135,10 +96,8 @@ def length_normalized_score(
   positions to ``ignore_index`` to score the continuation only).
 
   Args:
-    logits: ``[..., T, V]`` logits.
-    labels: ``[..., T]`` integer labels.
-    ignore_index: label value that is not counted.
-    where: optional boolean array of ``labels.shape``; False is not counted.
+    logits: ``[..., T, V]`` logits (labels ``[..., T]``; the others: see the module
+      docstring).
     alpha: length-penalty exponent, >= 0.
 
   Returns:
@@ -149,9 +108,8 @@ def length_normalized_score(
   if jnp.ndim(labels) < 1:
     raise ValueError(f"{owner}: `labels` must have a time axis ([..., T]), got shape "
                      f"{jnp.shape(labels)}")
-  t = _validated_targets(owner, logits, labels, ignore_index=ignore_index,
-                         where=where)
-  log_p, _ = _token_log_probs(t)
+  t = validated_targets(owner, logits, labels, ignore_index=ignore_index, where=where)
+  log_p, _ = token_log_probs(t)
   total = jnp.sum(log_p, axis=-1)
   n = jnp.sum(t.valid, axis=-1, dtype=jnp.float32)
   # max(n, 1) keeps 0**alpha (and 0/0) away; total is already 0 when n == 0.

@@ -15,15 +15,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_llm._validation import check_choice, check_real, is_concrete
-from jaxopt_llm.losses.cross_entropy import (
-    _as_mask, _check_logits, _token_log_probs, _validated_targets)
+from jaxopt_llm.losses._common import (
+    REDUCTIONS, sequence_targets, token_log_probs, validated_targets)
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "apo_zero",
               "apo_down", "sppo_hard", "simpo")
 # Types whose formula has a label-smoothing term; any other type rejects a nonzero one
 # rather than silently ignoring it.
 _SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo")
-_REDUCTIONS = ("mean", "sum", "none")
 # TRL's exo_pair replaces label_smoothing == 0 (where log(eps) would be -inf) by this.
 EXO_DEFAULT_EPSILON = 1e-3
 
@@ -74,20 +73,11 @@ def sequence_log_probs(
   owner = "sequence_log_probs"
   check_choice(owner, "average", average, (True, False))
   check_choice(owner, "shift", shift, (True, False))
-  logits = jnp.asarray(logits)
-  labels = jnp.asarray(labels)
-  _check_logits(owner, "logits", logits, min_ndim=2)
-  if logits.shape[:-1] != labels.shape:
-    raise ValueError(f"{owner}: `labels` must have shape logits.shape[:-1] = "
-                     f"{logits.shape[:-1]}, got {labels.shape}")
-  if where is not None:
-    where = _as_mask(owner, where, labels.shape)
-  if shift:
-    logits, labels = logits[..., :-1, :], labels[..., 1:]
-    where = None if where is None else where[..., 1:]
-  t = _validated_targets(owner, logits, labels, ignore_index=ignore_index, where=where,
-                         validate=validate)
-  log_p, _ = _token_log_probs(t)
+  logits, labels, where = sequence_targets(owner, logits, labels, where,
+                                           labels_name="labels", shift=shift)
+  t = validated_targets(owner, logits, labels, ignore_index=ignore_index, where=where,
+                        validate=validate)
+  log_p, _ = token_log_probs(t)
   if not average:
     return jnp.sum(log_p, axis=-1)
   # Per sequence, the same safe mean as cross_entropy's reduction="mean".
@@ -203,7 +193,7 @@ def dpo_loss(
   """
   owner = "dpo_loss"
   check_choice(owner, "loss_type", loss_type, LOSS_TYPES)
-  check_choice(owner, "reduction", reduction, _REDUCTIONS)
+  check_choice(owner, "reduction", reduction, REDUCTIONS)
   check_choice(owner, "reference_free", reference_free, (True, False))
   check_real(owner, "beta", beta, lo=0.0, lo_open=True)
   check_real(owner, "simpo_gamma", simpo_gamma)

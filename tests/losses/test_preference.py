@@ -485,7 +485,7 @@ def test_dpo_bad_arguments():
 
 
 def test_dpo_toy_example_learns_the_preference(capsys):
-  path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "dpo_toy.py"
+  path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "dpo_toy.py"
   spec = importlib.util.spec_from_file_location("dpo_toy_example", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

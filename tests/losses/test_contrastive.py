@@ -14,6 +14,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,7 +22,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from jaxopt_llm.losses import (
-    clip_loss, cosine_similarity, in_batch_info_nce, info_nce, l2_normalize)
+    clip_loss, in_batch_info_nce, info_nce, l2_normalize, pairwise_cosine_similarity)
 
 B, D, K = 16, 8, 5
 
@@ -73,14 +74,17 @@ def test_l2_normalize_matches_torch_and_is_safe_at_zero():
   chex.assert_type(l2_normalize(x.astype(jnp.bfloat16)), jnp.float32)
 
 
-def test_cosine_similarity_equation():
+def test_pairwise_cosine_similarity_equation():
   a, b = _feats(1, 5, D), _feats(2, 3, D)
-  out = cosine_similarity(a, b)
+  out = pairwise_cosine_similarity(a, b)
   chex.assert_shape(out, (5, 3))
   _close(out, _np_normalize(a) @ _np_normalize(b).T)
-  _close(jnp.diag(cosine_similarity(a, 3.0 * a)), np.ones(5))
+  _close(jnp.diag(pairwise_cosine_similarity(a, 3.0 * a)), np.ones(5))
+  # Its diagonal is optax's (matched-row) cosine similarity, a different function.
+  _close(jnp.diag(pairwise_cosine_similarity(a, a[::-1])),
+         optax.losses.cosine_similarity(a, a[::-1]), rtol=1e-5)
   with pytest.raises(ValueError, match="`b`"):
-    cosine_similarity(a, _feats(3, 3, D + 1))
+    pairwise_cosine_similarity(a, _feats(3, 3, D + 1))
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,8 +318,9 @@ def _single(fn_name, symmetric):
       a, b, temperature=0.1, symmetric=symmetric, axis_name=axis_name)
 
 
-@pytest.mark.parametrize("fn_name,symmetric", [("info_nce", False), ("info_nce", True),
-                                               ("clip", True)])
+# info_nce with symmetric=True: the same gather of both towers as clip's (symmetric), and
+# run from outside the shard_map by the tuple-of-axes test below.
+@pytest.mark.parametrize("fn_name,symmetric", [("info_nce", False), ("clip", True)])
 def test_shard_map_global_negatives_match_single_device(fn_name, symmetric):
   a, b = _feats(24, B, D), _feats(25, B, D)
   fn = _single(fn_name, symmetric)
@@ -391,7 +396,7 @@ def test_pmap_global_negatives_match_single_device():
 
 
 def test_contrastive_toy_example_aligns_the_towers(capsys):
-  path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "contrastive_toy.py"
+  path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "contrastive_toy.py"
   spec = importlib.util.spec_from_file_location("contrastive_toy_example", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
