@@ -6,7 +6,7 @@
 What is timed is the whole step users run, ``params, state = step(params, state, grads)``
 jitted with ``donate_argnums=(0, 1)`` (params and state updated in place), after warm-up,
 with ``block_until_ready`` on every step; PyTorch's ``opt.step()`` likewise (in place by
-design). "ours X" is ``tx.update`` + ``optax.apply_updates``; "+ update_and_apply" is
+design). "ours X" is ``tx.update`` + ``optax.apply_updates`` (the reference chain); "+ update_and_apply" is
 ``jaxopt_llm.optim.update_and_apply`` (the same numbers, bit for bit, with the state writes
 ordered so that XLA:CPU makes no copy of the state; see ``jaxopt_llm/optim/fused.py``).
 The variants of one group (AdamW, Lion, Sophia) run interleaved, round after round, and the
@@ -134,8 +134,6 @@ def groups(use_torch: bool) -> list[tuple[str, list]]:
   ours = lambda make, whole: (lambda p, g: jax_variant(make(), p, g, whole))
   adamw = [
       ("optax.adamw", "adamw", ours(lambda: optax.adamw(1e-3, weight_decay=0.01), False)),
-      ("ours adamw, fused=False (reference chain)", "adamw",
-       ours(lambda: optim.adamw(1e-3, fused=False), False)),
       ("ours adamw", "adamw", ours(lambda: optim.adamw(1e-3), False)),
       ("ours adamw + update_and_apply", "adamw", ours(lambda: optim.adamw(1e-3), True)),
       ("ours adamw bf16 m,v", "adamw_bf16",
@@ -158,15 +156,11 @@ def groups(use_torch: bool) -> list[tuple[str, list]]:
   if use_torch:
     lion.append(("torch Lion (LionReference, a Python loop)", "lion",
                  lambda p, g: torch_variant("lion_ref", p, g)))
-  out = [("AdamW", adamw), ("Lion", lion)]
-  if hasattr(optim, "sophia"):
-    out.append(("Sophia, steps without a Hessian estimate", [
-        ("ours sophia, fused=False (reference chain)", "sophia",
-         ours(lambda: optim.sophia(1e-4, fused=False), False)),
-        ("ours sophia", "sophia", ours(lambda: optim.sophia(1e-4), False)),
-        ("ours sophia + update_and_apply", "sophia", ours(lambda: optim.sophia(1e-4), True)),
-    ]))
-  return out
+  sophia = [
+      ("ours sophia", "sophia", ours(lambda: optim.sophia(1e-4), False)),
+      ("ours sophia + update_and_apply", "sophia", ours(lambda: optim.sophia(1e-4), True)),
+  ]
+  return [("AdamW", adamw), ("Lion", lion), ("Sophia, steps without a Hessian estimate", sophia)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +233,8 @@ def state_memory_rows(n: int = 1 << 20) -> list[tuple[str, float]]:
                                              nu_dtype=bf16)),
       ("lion (fp32 m)", optim.lion(1e-4)),
       ("lion mu_dtype=bf16", optim.lion(1e-4, mu_dtype=bf16)),
+      ("sophia (fp32 m, h)", optim.sophia(1e-4)),
+      ("sophia mu_dtype=nu_dtype=bf16", optim.sophia(1e-4, mu_dtype=bf16, nu_dtype=bf16)),
       ("sgd (no momentum)", optim.sgd(1e-2)),
       ("sgd momentum", optim.sgd(1e-2, momentum=0.9)),
       ("adagrad", optim.adagrad(1e-2)),
@@ -246,10 +242,6 @@ def state_memory_rows(n: int = 1 << 20) -> list[tuple[str, float]]:
       ("rmsprop centered + momentum", optim.rmsprop(1e-2, centered=True, momentum=0.9)),
       ("optax.adamw (for comparison)", optax.adamw(1e-3)),
   ]
-  if hasattr(optim, "sophia"):
-    cases.insert(7, ("sophia (fp32 m, h)", optim.sophia(1e-4)))
-    cases.insert(8, ("sophia mu_dtype=nu_dtype=bf16",
-                     optim.sophia(1e-4, mu_dtype=bf16, nu_dtype=bf16)))
   return [(name, optim.state_bytes(tx, params) / count) for name, tx in cases]
 
 

@@ -1,6 +1,15 @@
 """Optimizers as ``optax.GradientTransformation`` chains with PyTorch / official semantics.
 
-Building blocks live in ``transforms`` (``scale_by_*``), named optimizers in ``aliases``.
+Where each piece lives:
+
+* ``transforms``: each optimizer's per-leaf formula (``adam_leaf``, ``lion_leaf``,
+  ``sophia_leaf``, ...) and the ``scale_by_*`` building blocks that map it over a pytree.
+* ``aliases``: the named optimizers (``adamw``, ``lion``, ``sophia``, ...), short
+  ``optax.chain``s of those blocks; ``learning_rate`` first, as in optax.
+* ``fused``: ``update_and_apply``, the copy-free whole step, calling the same per-leaf
+  formulas in one ordered pass; ``state_bytes``.
+* ``hessian``: Sophia's Hessian-diagonal estimators, ``update_every_k`` and monitors.
+* ``numerics``: arithmetic shared by all of them (dtype policy, EMA, saturating storage).
 """
 from jaxopt_llm.optim.aliases import (
     adagrad,
@@ -14,15 +23,7 @@ from jaxopt_llm.optim.aliases import (
     sophia,
     weight_decay_mask,
 )
-# Fast paths (issue 8): fused one-pass transformations and the ordered in-place step.
-from jaxopt_llm.optim.fused import (
-    fused_adam,
-    fused_lion,
-    fused_sophia,
-    is_fused,
-    state_bytes,
-    update_and_apply,
-)
+from jaxopt_llm.optim.fused import is_fused, state_bytes, update_and_apply
 from jaxopt_llm.optim.transforms import (
     ScaleByAdagradState,
     ScaleByAdamState,
@@ -49,7 +50,7 @@ from jaxopt_llm.optim.hessian import (
 )
 
 __all__ = [
-    "fused_adam", "fused_lion", "fused_sophia", "is_fused", "state_bytes", "update_and_apply",
+    "is_fused", "state_bytes", "update_and_apply",
     "adagrad", "adam", "adam_l2", "adamw", "lion", "momentum", "rmsprop", "sgd",
     "weight_decay_mask",
     "scale_by_adagrad", "scale_by_adam", "scale_by_lion", "scale_by_momentum",

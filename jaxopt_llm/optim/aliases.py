@@ -1,17 +1,31 @@
 """Named optimizers: short ``optax.chain``s of building blocks with PyTorch / official defaults.
 
 ``jaxopt_llm.optim.adamw(1e-3)`` and ``torch.optim.AdamW(params, lr=1e-3)`` agree step for
-step (fp32, verified for 200 steps in ``tests/test_optim_parity_torch.py``).
+step (fp32, verified for 200 steps in ``tests/parity/test_optimizers.py``).
 
-Every ``lr`` and ``weight_decay`` accepts a float or an optax schedule ``step -> value``.
-Decoupled weight decay (AdamW, Lion) is multiplied by the current learning rate, as in
-PyTorch: ``p <- p - lr_t * (u_t + wd * p)``. Coupled (L2) decay (SGD, Adagrad, RMSprop,
-``adam_l2``) is added to the gradient before the statistics: ``g <- g + wd * p``.
+Naming follows optax: the learning rate is the first argument, keyword ``learning_rate``
+(so ``optax.inject_hyperparams(optim.adamw)(learning_rate=...)`` and everything that reads
+``hyperparams["learning_rate"]`` work). A positional argument means what optax's argument
+in that position means (``adam(learning_rate, b1, b2, eps)``); every argument optax orders
+differently or lacks is keyword-only (``adamw``'s ``weight_decay``: optax's fifth
+positional argument is ``eps_root``; ``adagrad``'s: optax's second is
+``initial_accumulator_value``). Defaults are PyTorch's (e.g. ``adamw``'s weight decay 0.01,
+optax's 1e-4) and eps sits where PyTorch puts it.
+
+Every ``learning_rate`` and ``weight_decay`` accepts a float or an optax schedule
+``step -> value``. Decoupled weight decay (AdamW, Lion, Sophia) is multiplied by the current
+learning rate, as in PyTorch: ``p <- p - lr_t * (u_t + wd * p)``. Coupled (L2) decay (SGD,
+Adagrad, RMSprop, ``adam_l2``) is added to the gradient before the statistics:
+``g <- g + wd * p``.
 
 ``mask`` selects which parameters are decayed: a pytree of bools like the params, or a
 callable ``params -> such a pytree`` (see ``weight_decay_mask``). With
 ``optax.inject_hyperparams``, pass ``static_args="mask"`` for a callable mask (optax treats
 callables as schedules otherwise).
+
+``fused=True`` (the default of ``adamw``, ``adam``, ``adam_l2``, ``lion``, ``sophia``)
+registers the copy-free one-pass step of ``fused.py`` for ``optim.update_and_apply``; the
+returned transformation is the same chain either way.
 """
 from __future__ import annotations
 
@@ -21,9 +35,9 @@ import jax
 import optax
 
 from jaxopt_llm._validation import check_real
-from jaxopt_llm.optim import fused as _fused
+from jaxopt_llm.optim import fused as fused_steps
 from jaxopt_llm.optim import transforms
-from jaxopt_llm.optim.transforms import _is_static_zero
+from jaxopt_llm.optim.numerics import is_static_zero
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
@@ -33,29 +47,40 @@ def weight_decay_mask(params: optax.Params) -> Any:
   """The usual LLM rule: decay matrices (kernels, embeddings), not biases or norm scales.
 
   Returns a pytree of bools with ``params``' structure: True where ``ndim >= 2``.
-  Use as ``adamw(lr, mask=weight_decay_mask)``.
+  Use as ``adamw(learning_rate, mask=weight_decay_mask)``.
   """
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _check_lr(owner: str, lr: ScalarOrSchedule) -> None:
-  check_real(owner, "lr", lr, lo=0.0)
+def _named(owner: str, direction: Optional[optax.GradientTransformation],
+           learning_rate: ScalarOrSchedule, weight_decay: ScalarOrSchedule, mask: MaskOrFn, *,
+           decay_first: bool, whole_step: Optional[Callable] = None
+           ) -> optax.GradientTransformation:
+  """``chain(decay, direction, lr)`` (coupled: ``decay_first``) or ``chain(direction, decay,
+  lr)``; the decay link is left out when ``weight_decay`` is a literal 0 (a pass saved).
 
-
-def _check_wd(owner: str, weight_decay: ScalarOrSchedule) -> None:
+  ``whole_step(layout)`` builds the one-pass step registered for ``update_and_apply``.
+  """
+  check_real(owner, "learning_rate", learning_rate, lo=0.0)
   check_real(owner, "weight_decay", weight_decay, lo=0.0)
-
-
-def _decay(weight_decay: ScalarOrSchedule, mask: MaskOrFn) -> list[optax.GradientTransformation]:
-  """``add_decayed_weights`` unless the decay is a literal 0 (saves a pass over the params)."""
-  if _is_static_zero(weight_decay):
-    return []
-  return [optax.add_decayed_weights(weight_decay, mask)]
+  has_decay = not is_static_zero(weight_decay)
+  decay = [optax.add_decayed_weights(weight_decay, mask)] if has_decay else []
+  head = [] if direction is None else [direction]
+  parts = [*decay, *head] if decay_first else [*head, *decay]
+  tx = optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
+  if whole_step is None:
+    return tx
+  layout = fused_steps.ChainLayout(
+      direction=parts.index(direction),
+      decay=parts.index(decay[0]) if has_decay else None,
+      learning_rate=len(parts))
+  return fused_steps.register_whole_step(tx, whole_step(layout))
 
 
 def sgd(
-    lr: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     momentum: float = 0.0,
+    *,
     dampening: float = 0.0,
     nesterov: bool = False,
     weight_decay: ScalarOrSchedule = 0.0,
@@ -64,20 +89,21 @@ def sgd(
   r"""torch.optim.SGD: :math:`p \leftarrow p - lr\cdot u` with ``scale_by_momentum``'s buffer.
 
   ``momentum=0`` (the default) is plain SGD and keeps no state. Weight decay is coupled (L2).
+  ``learning_rate`` and ``momentum`` are positional as in ``optax.sgd`` (whose buffer starts
+  at zero; torch's, here, at the first gradient); the rest is keyword-only (optax's third
+  positional argument is ``nesterov``).
   """
-  _check_lr("sgd", lr)
-  _check_wd("sgd", weight_decay)
   check_real("sgd", "momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
-  parts = _decay(weight_decay, mask)
-  if not _is_static_zero(momentum) or nesterov:
-    parts.append(transforms.scale_by_momentum(momentum, dampening, nesterov))
-  parts.append(optax.scale_by_learning_rate(lr))
-  return optax.chain(*parts)
+  direction = None
+  if not is_static_zero(momentum) or nesterov:
+    direction = transforms.scale_by_momentum(momentum, dampening=dampening, nesterov=nesterov)
+  return _named("sgd", direction, learning_rate, weight_decay, mask, decay_first=True)
 
 
 def momentum(
-    lr: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
     beta: float = 0.9,
+    *,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
@@ -85,31 +111,33 @@ def momentum(
 
   Equals ``torch.optim.SGD(momentum=beta, dampening=beta)``; as there, ``v`` starts at
   the first gradient. Unlike the heavy-ball form (``sgd(momentum=...)``) the step size does
-  not grow by ``1 / (1 - beta)``.
+  not grow by ``1 / (1 - beta)``. (optax has no ``momentum`` alias.)
   """
   check_real("momentum", "beta", beta, lo=0.0, hi=1.0, hi_open=True)
-  return sgd(lr, momentum=beta, dampening=beta, weight_decay=weight_decay, mask=mask)
+  return sgd(learning_rate, beta, dampening=beta, weight_decay=weight_decay, mask=mask)
 
 
 def adagrad(
-    lr: ScalarOrSchedule = 1e-2,
+    learning_rate: ScalarOrSchedule = 1e-2,
+    *,
     lr_decay: float = 0.0,
     weight_decay: ScalarOrSchedule = 0.0,
     initial_accumulator_value: float = 0.0,
     eps: float = 1e-10,
     mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
-  """torch.optim.Adagrad (defaults included): coupled decay, then ``scale_by_adagrad``."""
-  _check_lr("adagrad", lr)
-  _check_wd("adagrad", weight_decay)
-  return optax.chain(
-      *_decay(weight_decay, mask),
-      transforms.scale_by_adagrad(initial_accumulator_value, eps, lr_decay),
-      optax.scale_by_learning_rate(lr))
+  """torch.optim.Adagrad (defaults included): coupled decay, then ``scale_by_adagrad``.
+
+  Keyword-only after ``learning_rate``: ``optax.adagrad(learning_rate,
+  initial_accumulator_value=0.1, eps=1e-7)`` orders (and places eps) differently.
+  """
+  direction = transforms.scale_by_adagrad(initial_accumulator_value, eps, lr_decay=lr_decay)
+  return _named("adagrad", direction, learning_rate, weight_decay, mask, decay_first=True)
 
 
 def rmsprop(
-    lr: ScalarOrSchedule = 1e-2,
+    learning_rate: ScalarOrSchedule = 1e-2,
+    *,
     alpha: float = 0.99,
     eps: float = 1e-8,
     weight_decay: ScalarOrSchedule = 0.0,
@@ -117,80 +145,62 @@ def rmsprop(
     centered: bool = False,
     mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
-  """torch.optim.RMSprop (defaults included): coupled decay, then ``scale_by_rmsprop``."""
-  _check_lr("rmsprop", lr)
-  _check_wd("rmsprop", weight_decay)
-  return optax.chain(
-      *_decay(weight_decay, mask),
-      transforms.scale_by_rmsprop(alpha, eps, centered, momentum),
-      optax.scale_by_learning_rate(lr))
+  """torch.optim.RMSprop (defaults included): coupled decay, then ``scale_by_rmsprop``.
 
-
-def _adam_chain(owner: str, lr, b1, b2, eps, weight_decay, mask, *, coupled: bool, amsgrad,
-                mu_dtype, nu_dtype, fused: bool = True) -> optax.GradientTransformation:
-  """Adam's direction with decay before it (coupled L2) or after it (decoupled), then lr.
-
-  ``fused=True``: the same chain as one transformation, one pass per leaf (``fused.py``).
+  Keyword-only after ``learning_rate``: ``optax.rmsprop(learning_rate, decay, eps,
+  initial_scale, ...)`` orders differently (and puts eps inside the root by default).
   """
-  _check_lr(owner, lr)
-  _check_wd(owner, weight_decay)
-  if fused:
-    return _fused.fused_adam(lr, b1, b2, eps, weight_decay, mask, coupled=coupled,
-                             amsgrad=amsgrad, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
-  decay = _decay(weight_decay, mask)
+  direction = transforms.scale_by_rmsprop(alpha, eps, centered=centered, momentum=momentum)
+  return _named("rmsprop", direction, learning_rate, weight_decay, mask, decay_first=True)
+
+
+def _adam_family(owner: str, learning_rate, b1, b2, eps, *, weight_decay, mask, coupled: bool,
+                 amsgrad: bool = False, mu_dtype: Optional[Any] = None,
+                 nu_dtype: Optional[Any] = None, fused: bool = True
+                 ) -> optax.GradientTransformation:
+  """Adam's direction with decay before it (coupled L2) or after it (decoupled), then lr."""
   direction = transforms.scale_by_adam(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype,
                                        nu_dtype=nu_dtype)
-  parts = [*decay, direction] if coupled else [direction, *decay]
-  return optax.chain(*parts, optax.scale_by_learning_rate(lr))
+  whole_step = (lambda layout: fused_steps.adam_step(
+      layout, learning_rate, weight_decay, mask, coupled=coupled, b1=b1, b2=b2, eps=eps,
+      amsgrad=amsgrad, mu_dtype=mu_dtype, nu_dtype=nu_dtype)) if fused else None
+  return _named(owner, direction, learning_rate, weight_decay, mask, decay_first=coupled,
+                whole_step=whole_step)
 
 
-def adam(
-    lr: ScalarOrSchedule = 1e-3,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    *,
-    amsgrad: bool = False,
-    mu_dtype: Optional[Any] = None,
-    nu_dtype: Optional[Any] = None,
-    fused: bool = True,
-) -> optax.GradientTransformation:
-  """torch.optim.Adam without weight decay (see ``adam_l2`` and ``adamw``)."""
-  return _adam_chain("adam", lr, b1, b2, eps, 0.0, None, coupled=True, amsgrad=amsgrad,
-                     mu_dtype=mu_dtype, nu_dtype=nu_dtype, fused=fused)
+def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
+         eps: float = 1e-8, **options: Any) -> optax.GradientTransformation:
+  """torch.optim.Adam without weight decay (see ``adam_l2`` and ``adamw``).
+
+  Positional arguments as ``optax.adam``'s (its fifth, ``eps_root``, has no equivalent here).
+  ``options``: ``amsgrad``, ``mu_dtype``, ``nu_dtype``, ``fused``, as for ``adamw``.
+  """
+  return _adam_family("adam", learning_rate, b1, b2, eps, weight_decay=0.0, mask=None,
+                      coupled=True, **options)
 
 
-def adam_l2(
-    lr: ScalarOrSchedule = 1e-3,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: ScalarOrSchedule = 0.01,
-    mask: MaskOrFn = None,
-    *,
-    amsgrad: bool = False,
-    mu_dtype: Optional[Any] = None,
-    nu_dtype: Optional[Any] = None,
-    fused: bool = True,
-) -> optax.GradientTransformation:
+def adam_l2(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
+            eps: float = 1e-8, *, weight_decay: ScalarOrSchedule = 0.01, mask: MaskOrFn = None,
+            **options: Any) -> optax.GradientTransformation:
   r"""Adam with *coupled* L2 decay, ``torch.optim.Adam(weight_decay=...)``.
 
   :math:`g \leftarrow g + wd\cdot p` enters the moments, so the decay is divided by
   :math:`\sqrt{v}` and large-gradient weights are barely decayed: the reason for AdamW
-  (Loshchilov & Hutter, 2019). Here for comparison.
+  (Loshchilov & Hutter, 2019). Here for comparison. ``options``: ``amsgrad``, ``mu_dtype``,
+  ``nu_dtype``, ``fused``, as for ``adamw``.
   """
-  return _adam_chain("adam_l2", lr, b1, b2, eps, weight_decay, mask, coupled=True,
-                     amsgrad=amsgrad, mu_dtype=mu_dtype, nu_dtype=nu_dtype, fused=fused)
+  return _adam_family("adam_l2", learning_rate, b1, b2, eps, weight_decay=weight_decay,
+                      mask=mask, coupled=True, **options)
 
 
 def adamw(
-    lr: ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    *,
     weight_decay: ScalarOrSchedule = 0.01,
     mask: MaskOrFn = None,
-    *,
     amsgrad: bool = False,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
@@ -201,26 +211,26 @@ def adamw(
   .. math::
     p \leftarrow p - lr_t\left(\frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon} + wd\cdot p\right)
 
-  Note PyTorch's default ``weight_decay=0.01`` (optax.adamw uses 1e-4). Pass
+  Note PyTorch's default ``weight_decay=0.01`` (optax.adamw uses 1e-4), keyword-only here
+  (optax.adamw's fifth positional argument is ``eps_root``). Pass
   ``mask=weight_decay_mask`` to leave biases and norm scales undecayed.
 
-  ``fused=True`` (default) returns one transformation that computes decay, moments and lr
-  scaling in one pass per leaf, bitwise equal to (and with the state of) the reference
-  ``optax.chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)`` that
-  ``fused=False`` returns. For the fastest CPU step use ``jaxopt_llm.optim.update_and_apply``
-  (see ``jaxopt_llm/optim/fused.py``).
+  Returns ``optax.chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)``; with
+  ``fused=True`` (default) ``jaxopt_llm.optim.update_and_apply`` runs it as one ordered pass
+  per leaf, bitwise equal (see ``jaxopt_llm/optim/fused.py``).
   """
-  return _adam_chain("adamw", lr, b1, b2, eps, weight_decay, mask, coupled=False,
-                     amsgrad=amsgrad, mu_dtype=mu_dtype, nu_dtype=nu_dtype, fused=fused)
+  return _adam_family("adamw", learning_rate, b1, b2, eps, weight_decay=weight_decay,
+                      mask=mask, coupled=False, amsgrad=amsgrad, mu_dtype=mu_dtype,
+                      nu_dtype=nu_dtype, fused=fused)
 
 
 def lion(
-    lr: ScalarOrSchedule = 1e-4,
+    learning_rate: ScalarOrSchedule = 1e-4,
     b1: float = 0.9,
     b2: float = 0.99,
+    *,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: MaskOrFn = None,
-    *,
     mu_dtype: Optional[Any] = None,
     fused: bool = True,
 ) -> optax.GradientTransformation:
@@ -231,30 +241,27 @@ def lion(
     \qquad m \leftarrow b_2 m + (1-b_2) g
 
   The sign makes every coordinate move by exactly ``lr``: use a learning rate 3-10x smaller
-  and a weight decay 3-10x larger than for AdamW (the paper's advice).
-
-  ``fused=True`` (default): one pass per leaf, bitwise equal to (and with the state of) the
-  reference chain that ``fused=False`` returns.
+  and a weight decay 3-10x larger than for AdamW (the paper's advice). The official default
+  decay is 0 (optax.lion's 1e-3); keyword-only, as optax.lion's fourth positional argument
+  is ``mu_dtype``. ``fused=True``: ``update_and_apply`` runs one ordered pass per leaf.
   """
-  _check_lr("lion", lr)
-  _check_wd("lion", weight_decay)
-  if fused:
-    return _fused.fused_lion(lr, b1, b2, weight_decay, mask, mu_dtype=mu_dtype)
-  return optax.chain(
-      transforms.scale_by_lion(b1, b2, mu_dtype=mu_dtype),
-      *_decay(weight_decay, mask),
-      optax.scale_by_learning_rate(lr))
+  direction = transforms.scale_by_lion(b1, b2, mu_dtype=mu_dtype)
+  whole_step = (lambda layout: fused_steps.lion_step(
+      layout, learning_rate, weight_decay, mask, b1=b1, b2=b2, mu_dtype=mu_dtype)
+  ) if fused else None
+  return _named("lion", direction, learning_rate, weight_decay, mask, decay_first=False,
+                whole_step=whole_step)
 
 
 def sophia(
-    lr: ScalarOrSchedule = 1e-4,
+    learning_rate: ScalarOrSchedule = 1e-4,
     b1: float = 0.965,
     b2: float = 0.99,
+    *,
     rho: float = 0.04,
     weight_decay: ScalarOrSchedule = 0.1,
     eps: float = 1e-15,
     mask: MaskOrFn = None,
-    *,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
     fused: bool = True,
@@ -273,19 +280,18 @@ def sophia(
   jitted step. Until the first estimate ``h = 0`` and Sophia is sign momentum (every
   coordinate moves by ``lr``). The estimate carries the token batch size (GNB returns
   ``B * g**2``), where the official code multiplies ``rho * bs * h``; negative curvature is
-  treated as zero. See ``scale_by_sophia`` for these details.
+  treated as zero. See ``scale_by_sophia`` for these details. Arguments after ``b2`` are
+  keyword-only (``optax.contrib.sophia``'s fourth positional argument is its eps).
 
   The sign-like step moves each coordinate by at most ``lr``: like Lion, Sophia wants a
   smaller lr than AdamW. Monitor ``sophia_win_rate(state)`` (fraction of coordinates not
   clipped; the paper keeps it around 0.1-0.5 by tuning ``rho``) and
   ``sophia_hessian_norm(state)``.
   """
-  _check_lr("sophia", lr)
-  _check_wd("sophia", weight_decay)
-  if fused:  # one pass per leaf, bitwise equal to the chain below (fused.py)
-    return _fused.fused_sophia(lr, b1, b2, rho, weight_decay, eps, mask, mu_dtype=mu_dtype,
-                               nu_dtype=nu_dtype)
-  return optax.chain(
-      transforms.scale_by_sophia(b1, b2, rho, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
-      *_decay(weight_decay, mask),
-      optax.scale_by_learning_rate(lr))
+  direction = transforms.scale_by_sophia(b1, b2, rho=rho, eps=eps, mu_dtype=mu_dtype,
+                                         nu_dtype=nu_dtype)
+  whole_step = (lambda layout: fused_steps.sophia_step(
+      layout, learning_rate, weight_decay, mask, b1=b1, b2=b2, rho=rho, eps=eps,
+      mu_dtype=mu_dtype)) if fused else None
+  return _named("sophia", direction, learning_rate, weight_decay, mask, decay_first=False,
+                whole_step=whole_step)

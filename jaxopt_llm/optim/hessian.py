@@ -21,7 +21,7 @@ global estimate: the one a single device would compute on the whole batch.
 
 The every-k recipe, inside ONE jitted train step::
 
-  tx = optim.sophia(lr, rho=0.04, weight_decay=0.1)
+  tx = optim.sophia(learning_rate, rho=0.04, weight_decay=0.1)
 
   @jax.jit
   def train_step(params, opt_state, batch, key, step):
@@ -65,52 +65,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_llm._shard_map import as_varying
 from jaxopt_llm._validation import check_choice, check_int, check_real
+from jaxopt_llm.optim.numerics import F32, upcast
 from jaxopt_llm.optim.transforms import ScaleBySophiaState
 
 AxisName = Optional[Union[str, Sequence[str]]]
-_F32 = jnp.float32
 _DISTRIBUTIONS = ("rademacher", "gaussian")
-
-
-def _wide(x: jax.Array) -> jax.Array:
-  """float32 for half precision, float64 kept when x64 is on."""
-  return x.astype(jnp.promote_types(x.dtype, _F32))
 
 
 def _axis(axis_name: AxisName) -> Any:
   return tuple(axis_name) if isinstance(axis_name, (list, tuple)) else axis_name
-
-
-def _varying_axes(x: Any) -> frozenset:
-  aval = jax.typeof(x)
-  kind = getattr(aval, "manual_axis_type", None)
-  if kind is not None:
-    return frozenset(kind.varying)
-  return frozenset(getattr(aval, "vma", ()))
-
-
-def _as_varying(tree: Any, axis: Any) -> Any:
-  """Marks every leaf as device-varying over ``axis`` (where it is not already).
-
-  Under ``shard_map`` (which tracks varying axes), differentiating a per-device loss with
-  respect to *replicated* params makes JAX insert the psum itself: the gradient would come
-  back already summed, and our explicit psum/pmean would count it ``n_devices`` times. With
-  the params cast to varying, the gradient is the local one on every backend (``pmap`` and
-  ``check_vma=False`` do not track, and the cast is a no-op there), and the reduction is ours.
-  """
-  axes = axis if isinstance(axis, tuple) else (axis,)
-  cast = getattr(jax.lax, "pcast", None)
-
-  def one(x):
-    missing = tuple(a for a in axes if a not in _varying_axes(x))
-    if not missing:
-      return x
-    if cast is not None:
-      return cast(x, missing, to="varying")
-    return jax.lax.pvary(x, missing)  # older JAX
-
-  return jax.tree.map(one, tree)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +137,7 @@ def gauss_newton_bartlett(
                      f"{type(logits_fn).__name__}")
   axis = _axis(axis_name)
   if axis is not None:
-    params = _as_varying(params, axis)
+    params = as_varying(params, axis)
   logits, vjp_fn = jax.vjp(logits_fn, params)
   if not hasattr(logits, "dtype") or not jnp.issubdtype(logits.dtype, jnp.floating):
     raise ValueError(f"{owner}: `logits_fn` must return a floating array [..., V], got "
@@ -180,7 +145,7 @@ def gauss_newton_bartlett(
   if logits.ndim < 1 or logits.shape[-1] < 1:
     raise ValueError(f"{owner}: `logits_fn` must return logits of shape [..., V] with V >= 1, "
                      f"got shape {logits.shape}")
-  z = jax.lax.stop_gradient(_wide(logits))
+  z = jax.lax.stop_gradient(upcast(logits))
   if where is None:
     mask = jnp.ones(z.shape[:-1], z.dtype)
   else:
@@ -198,7 +163,7 @@ def gauss_newton_bartlett(
   labels = jax.random.categorical(key, z, axis=-1)
   n_tokens = jnp.sum(mask)
   if axis is not None:
-    n_tokens = jax.lax.psum(_as_varying(n_tokens, axis), axis)
+    n_tokens = jax.lax.psum(as_varying(n_tokens, axis), axis)
   # d(mean CE)/dz = (softmax(z) - onehot(y)) / B on counted tokens; max(B, 1) keeps an
   # all-masked batch at 0 instead of 0/0.
   scale = mask / jnp.maximum(n_tokens, 1.0)
@@ -208,10 +173,10 @@ def gauss_newton_bartlett(
   if axis is not None:
     grads = jax.lax.psum(grads, axis)
   if clip_norm is not None:
-    norm = optax.tree.norm(jax.tree.map(_wide, grads))
+    norm = optax.tree.norm(jax.tree.map(upcast, grads))
     factor = jnp.minimum(1.0, clip_norm / (norm + 1e-6))
-    grads = jax.tree.map(lambda g: _wide(g) * factor.astype(_wide(g).dtype), grads)
-  return jax.tree.map(lambda g: n_tokens.astype(_wide(g).dtype) * jnp.square(_wide(g)), grads)
+    grads = jax.tree.map(lambda g: upcast(g) * factor.astype(upcast(g).dtype), grads)
+  return jax.tree.map(lambda g: n_tokens.astype(upcast(g).dtype) * jnp.square(upcast(g)), grads)
 
 
 def hutchinson(
@@ -266,9 +231,9 @@ def hutchinson(
   u = jax.tree.unflatten(treedef, probes)
   axis = _axis(axis_name)
   if axis is not None:
-    params, u = _as_varying(params, axis), _as_varying(u, axis)
+    params, u = as_varying(params, axis), as_varying(u, axis)
   _, hu = jax.jvp(jax.grad(loss_fn), (params,), (u,))
-  est = jax.tree.map(lambda a, b: _wide(a) * _wide(b), u, hu)
+  est = jax.tree.map(lambda a, b: upcast(a) * upcast(b), u, hu)
   if axis is not None:
     est = jax.lax.pmean(est, axis)
   return est
@@ -376,11 +341,11 @@ def sophia_win_rate(opt_state: Any) -> jax.Array:
     ValueError: when ``opt_state`` holds no ``ScaleBySophiaState``.
   """
   states = _require_states("sophia_win_rate", opt_state)
-  total, weighted = 0, jnp.zeros([], _F32)
+  total, weighted = 0, jnp.zeros([], F32)
   for s in states:
     n = sum(x.size for x in jax.tree.leaves(s.mu))
     (rate,) = jax.tree.leaves(s.win_rate)  # also unwraps an nnx OptState variable
-    weighted = weighted + n * jnp.asarray(rate, _F32)
+    weighted = weighted + n * jnp.asarray(rate, F32)
     total += n
   return weighted / max(total, 1)
 
@@ -395,7 +360,7 @@ def sophia_hessian_norm(opt_state: Any) -> jax.Array:
   """
   states = _require_states("sophia_hessian_norm", opt_state)
   leaves = [x for s in states for x in jax.tree.leaves(s.hessian)]
-  return optax.tree.norm(leaves).astype(_F32)
+  return optax.tree.norm(leaves).astype(F32)
 
 
 __all__ = [

@@ -1,21 +1,28 @@
-"""Gradient transformations (``scale_by_*``): the building blocks of our named optimizers.
+"""Gradient transformations (``scale_by_*``) and the per-leaf formula of each optimizer.
 
-Each function returns an ``optax.GradientTransformation`` with a NamedTuple state, following
-optax's conventions, but with PyTorch's update semantics so that a chain of them reproduces
-``torch.optim`` step for step:
+Each optimizer's arithmetic is written once, as a small pure function of one gradient leaf,
+its state leaves and the hyperparameters (``adam_leaf``, ``lion_leaf``, ``sophia_leaf`` and
+``fold_hessian``, ``momentum_leaf``, ``adagrad_leaf``, ``rmsprop_leaf``). The ``scale_by_*``
+building blocks map it over the pytree; the one-pass step of ``jaxopt_llm.optim.fused``
+(behind ``update_and_apply``) calls the very same function, so a formula changes in one
+place. Each ``scale_by_*`` returns an ``optax.GradientTransformation`` with a NamedTuple
+state, following optax's conventions, but with PyTorch's update semantics so that a chain of
+them reproduces ``torch.optim`` step for step:
 
 * ``scale_by_adam``: eps added *after* the bias-corrected square root, like torch.optim.Adam.
 * ``scale_by_lion``: the official Lion rule (Chen et al., 2023, google/automl).
+* ``scale_by_sophia``: the official SophiaG rule (Liu et al., 2023).
 * ``scale_by_momentum``: torch.optim.SGD's momentum buffer (first step starts at the gradient).
 * ``scale_by_adagrad``, ``scale_by_rmsprop``: torch.optim.Adagrad / RMSprop.
 
 Statistics are always computed in float32 (or wider when the gradient is wider) and only
-*stored* in ``mu_dtype`` / ``nu_dtype``: "fp32 master math" for bf16 moments.
-The learning rate and weight decay are separate links of the chain (see ``aliases.py``).
+*stored* in ``mu_dtype`` / ``nu_dtype``: "fp32 master math" for bf16 moments (the shared
+arithmetic lives in ``jaxopt_llm.optim.numerics``). The learning rate and weight decay are
+separate links of the chain (see ``aliases.py``). Positional arguments mean what optax's
+do; the ones optax lacks or orders differently are keyword-only.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Optional
 
 import chex
@@ -24,96 +31,25 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt_llm._validation import check_real
-
-_F32 = jnp.float32
-
-
-def _compute_dtype(x: jax.Array) -> jnp.dtype:
-  """float32 for half-precision inputs; keeps float64 when x64 is on."""
-  return jnp.promote_types(x.dtype, _F32)
-
-
-def _up(x: jax.Array) -> jax.Array:
-  return x.astype(_compute_dtype(x))
-
-
-def _zeros_like(params: optax.Params, dtype: Optional[Any]) -> optax.Updates:
-  return jax.tree.map(
-      lambda p: jnp.zeros(p.shape, dtype=dtype or _compute_dtype(p)), params)
+from jaxopt_llm.optim.numerics import (
+    F32,
+    bias_correction,
+    compute_dtype,
+    ema,
+    fraction_true,
+    is_static_zero,
+    map_leaves,
+    safe_div,
+    store_tree,
+    upcast,
+    zeros_like,
+)
 
 
-def _store(x: jax.Array, dtype: Any, *, keep_nonzero: bool = False) -> jax.Array:
-  """``x.astype(dtype)`` that saturates instead of overflowing to inf (fp16 state storage).
-
-  With ``keep_nonzero`` (second moments, which are >= 0) a positive value that would round
-  to zero is stored as the smallest positive number of ``dtype`` instead: in fp16 (and so
-  for ``nu_dtype=float16``) any v < 6e-8 underflows, while the first moment m it pairs with
-  may not, and m / (sqrt(0) + eps) then overflows the fp16 update. A no-op (no extra op)
-  when ``dtype`` is ``x``'s own dtype, i.e. for the default fp32 state.
-  """
-  dtype = jnp.dtype(dtype)
-  if (dtype == x.dtype or not jnp.issubdtype(dtype, jnp.floating)
-      or not jnp.issubdtype(x.dtype, jnp.floating)):
-    return x.astype(dtype)
-  # Only a narrower exponent range (fp16, not bf16) needs the guards: no extra ops for bf16.
-  to, frm = jnp.finfo(dtype), jnp.finfo(x.dtype)
-  if to.maxexp < frm.maxexp:
-    x = jnp.clip(x, -float(to.max), float(to.max))
-  y = x.astype(dtype)
-  if keep_nonzero and to.minexp > frm.minexp:
-    tiny = jnp.asarray(to.smallest_subnormal, dtype)
-    y = jnp.where((y == 0) & (x > 0), tiny, y)
-  return y
-
-
-def _cast_tree(tree: optax.Updates, dtype: Optional[Any],
-               like: optax.Updates, *, keep_nonzero: bool = False) -> optax.Updates:
-  """Stores ``tree`` in ``dtype`` (or the dtype it had in ``like``), see ``_store``."""
-  return jax.tree.map(
-      lambda t, l: _store(t, dtype or l.dtype, keep_nonzero=keep_nonzero), tree, like)
-
-
-def _safe_div(num: jax.Array, den: jax.Array, eps: Any) -> jax.Array:
-  """``num / den``, with 0 where ``den == 0`` unless ``eps`` is a Python number > 0.
-
-  Adam's denominator ``sqrt(v) + eps`` is 0 only when eps is 0 (or injected as an array) and
-  v is 0, i.e. for an all-zero gradient history, whose step is 0 (not 0/0 = NaN as in
-  torch.optim.Adam(eps=0)). With a literal eps > 0 this is a plain division. NaN stays NaN.
-  """
-  if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0:
-    return num / den
-  zero = den == 0
-  return jnp.where(zero, jnp.zeros_like(num), num / jnp.where(zero, 1.0, den))
-
-
-def _increment(count: jax.Array) -> jax.Array:
-  """count + 1 that saturates instead of wrapping around at int32 max."""
-  return jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count)
-
-
-def _bias_correction(b: Any, t: jax.Array) -> jax.Array:
-  """1 - b**t, accurate in float32 for b close to 1.
-
-  Computed as -expm1(t * log b) with log b taken in float64 when b is a Python number: in
-  float32, 1 - 0.999**1 loses 1e-5 of its value to cancellation (PyTorch does this sum in
-  double, so the float32 form would cost us parity).
-  """
-  if isinstance(b, (int, float)):
-    if b == 0:
-      return jnp.ones([], _F32)
-    log_b = jnp.asarray(math.log(b), _F32)
-  else:
-    log_b = jnp.log(jnp.asarray(b, _F32))
-  return -jnp.expm1(t * log_b)
-
-
-def _is_static_zero(x: Any) -> bool:
-  """True only for a Python number equal to 0.
-
-  Arrays (e.g. from ``optax.inject_hyperparams``) never count as zero, so the structure of a
-  chain built at ``init`` equals the one built again inside ``update``.
-  """
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
+def _check_decays(owner: str, **decays: Any) -> None:
+  """Every EMA decay (b1, b2, alpha, ...) must lie in [0, 1)."""
+  for name, value in decays.items():
+    check_real(owner, name, value, lo=0.0, hi=1.0, hi_open=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,6 +62,25 @@ class ScaleByAdamState(NamedTuple):
   mu: optax.Updates
   nu: optax.Updates
   nu_max: Optional[optax.Updates]  # only with amsgrad=True, else None
+
+
+def adam_leaf(g: jax.Array, m: jax.Array, v: jax.Array, v_max: Optional[jax.Array],
+              count: jax.Array, *, b1: Any, b2: Any, eps: Any) -> tuple:
+  r"""Adam on one leaf at step ``count`` (>= 1): ``(direction, m', v', v_max')``.
+
+  .. math::
+    m' = b_1 m + (1-b_1) g,\quad v' = b_2 v + (1-b_2) g^2,\quad
+    u = \frac{m' / (1-b_1^t)}{\sqrt{v'} / \sqrt{1-b_2^t} + \epsilon}
+
+  (``max(v_max, v')`` in the denominator when ``v_max`` is given: amsgrad). The direction has
+  ``g``'s dtype; the new state is in the compute dtype, not yet stored.
+  """
+  m1 = ema(m, g, b1)
+  v1 = ema(v, jnp.square(upcast(g)), b2)
+  vm1 = None if v_max is None else jnp.maximum(upcast(v_max), v1)
+  den = jnp.sqrt(v1 if vm1 is None else vm1) / jnp.sqrt(bias_correction(b2, count)) + eps
+  direction = safe_div(m1 / bias_correction(b1, count), den, eps)
+  return direction.astype(g.dtype), m1, v1, vm1
 
 
 def scale_by_adam(
@@ -143,14 +98,14 @@ def scale_by_adam(
     m_t = b_1 m_{t-1} + (1-b_1) g_t,\quad v_t = b_2 v_{t-1} + (1-b_2) g_t^2 \\
     u_t = \frac{m_t / (1-b_1^t)}{\sqrt{v_t} / \sqrt{1-b_2^t} + \epsilon}
 
-  With ``amsgrad`` the denominator uses :math:`\max_{s\le t} v_s` (torch's amsgrad).
-  Moments start at zero. The moments are computed in float32 and stored in ``mu_dtype`` /
-  ``nu_dtype`` (default: the parameter dtype promoted to float32), so bf16 storage halves the
-  state without changing the arithmetic. Because the arithmetic is float32, the default
-  ``eps=1e-8`` does not underflow for fp16 parameters. fp16-safe storage: moments saturate at
-  the storage dtype's max instead of becoming inf, a positive second moment never rounds to
-  0 (``nu_dtype=float16`` underflows below 6e-8), and with ``eps=0`` an all-zero gradient
-  history gives a 0 step, not 0/0.
+  (``adam_leaf``). With ``amsgrad`` the denominator uses :math:`\max_{s\le t} v_s` (torch's
+  amsgrad). Moments start at zero. The moments are computed in float32 and stored in
+  ``mu_dtype`` / ``nu_dtype`` (default: the parameter dtype promoted to float32), so bf16
+  storage halves the state without changing the arithmetic. Because the arithmetic is
+  float32, the default ``eps=1e-8`` does not underflow for fp16 parameters. fp16-safe
+  storage: moments saturate at the storage dtype's max instead of becoming inf, a positive
+  second moment never rounds to 0 (``nu_dtype=float16`` underflows below 6e-8), and with
+  ``eps=0`` an all-zero gradient history gives a 0 step, not 0/0.
 
   Args:
     b1: decay of the first moment, in [0, 1).
@@ -161,48 +116,28 @@ def scale_by_adam(
     nu_dtype: storage dtype of the second moment (and of its maximum).
   """
   owner = "scale_by_adam"
-  check_real(owner, "b1", b1, lo=0.0, hi=1.0, hi_open=True)
-  check_real(owner, "b2", b2, lo=0.0, hi=1.0, hi_open=True)
+  _check_decays(owner, b1=b1, b2=b2)
   check_real(owner, "eps", eps, lo=0.0)
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-  nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
 
   def init_fn(params):
-    nu = _zeros_like(params, nu_dtype)
     return ScaleByAdamState(
         count=jnp.zeros([], jnp.int32),
-        mu=_zeros_like(params, mu_dtype),
-        nu=nu,
-        nu_max=_zeros_like(params, nu_dtype) if amsgrad else None)
+        mu=zeros_like(params, mu_dtype),
+        nu=zeros_like(params, nu_dtype),
+        nu_max=zeros_like(params, nu_dtype) if amsgrad else None)
 
   def update_fn(updates, state, params=None):
     del params
-    count = _increment(state.count)
-    t = count.astype(_F32)
-    bc1 = _bias_correction(b1, t)
-    bc2_sqrt = jnp.sqrt(_bias_correction(b2, t))
-
-    mu = jax.tree.map(lambda m, g: b1 * _up(m) + (1.0 - b1) * _up(g), state.mu, updates)
-    nu = jax.tree.map(
-        lambda v, g: b2 * _up(v) + (1.0 - b2) * jnp.square(_up(g)), state.nu, updates)
-    if amsgrad:
-      nu_max = jax.tree.map(lambda vm, v: jnp.maximum(_up(vm), v), state.nu_max, nu)
-      denom_src = nu_max
-    else:
-      nu_max = None
-      denom_src = nu
-
-    def direction(m, v, g):
-      u = _safe_div(m / bc1, jnp.sqrt(v) / bc2_sqrt + eps, eps)
-      return u.astype(g.dtype)
-
-    new_updates = jax.tree.map(direction, mu, denom_src, updates)
-    return new_updates, ScaleByAdamState(
+    count = optax.safe_increment(state.count)
+    direction, mu, nu, nu_max = map_leaves(
+        lambda g, m, v, vm: adam_leaf(g, m, v, vm, count, b1=b1, b2=b2, eps=eps),
+        updates, state.mu, state.nu, state.nu_max, n_outputs=4)
+    return direction, ScaleByAdamState(
         count=count,
-        mu=_cast_tree(mu, mu_dtype, state.mu),
-        nu=_cast_tree(nu, nu_dtype, state.nu, keep_nonzero=True),
-        nu_max=None if nu_max is None else _cast_tree(nu_max, nu_dtype, state.nu_max,
-                                                      keep_nonzero=True))
+        mu=store_tree(mu, mu_dtype, state.mu),
+        nu=store_tree(nu, nu_dtype, state.nu, keep_nonzero=True),
+        nu_max=store_tree(nu_max, nu_dtype, state.nu_max, keep_nonzero=True) if amsgrad
+        else None)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -217,6 +152,15 @@ class ScaleByLionState(NamedTuple):
   mu: optax.Updates
 
 
+def lion_leaf(g: jax.Array, m: jax.Array, *, b1: Any, b2: Any) -> tuple:
+  r"""Lion on one leaf: ``(sign(b1 m + (1-b1) g), b2 m + (1-b2) g)``.
+
+  The direction (``g``'s dtype) reads the *old* momentum; the new one is in the compute
+  dtype, not yet stored.
+  """
+  return jnp.sign(ema(m, g, b1)).astype(g.dtype), ema(m, g, b2)
+
+
 def scale_by_lion(
     b1: float = 0.9,
     b2: float = 0.99,
@@ -227,7 +171,7 @@ def scale_by_lion(
 
   The official rule (google/automl ``lion_pytorch.py``): the sign is taken of an
   interpolation that uses the *old* momentum, and the momentum is updated afterwards with a
-  different decay:
+  different decay (``lion_leaf``):
 
   .. math::
     u_t = \operatorname{sign}(b_1 m_{t-1} + (1-b_1) g_t),\qquad
@@ -240,204 +184,17 @@ def scale_by_lion(
     b2: decay of the momentum, in [0, 1).
     mu_dtype: storage dtype of the momentum (the arithmetic stays float32).
   """
-  owner = "scale_by_lion"
-  check_real(owner, "b1", b1, lo=0.0, hi=1.0, hi_open=True)
-  check_real(owner, "b2", b2, lo=0.0, hi=1.0, hi_open=True)
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  _check_decays("scale_by_lion", b1=b1, b2=b2)
 
   def init_fn(params):
-    return ScaleByLionState(count=jnp.zeros([], jnp.int32), mu=_zeros_like(params, mu_dtype))
+    return ScaleByLionState(count=jnp.zeros([], jnp.int32), mu=zeros_like(params, mu_dtype))
 
   def update_fn(updates, state, params=None):
     del params
-    direction = jax.tree.map(
-        lambda m, g: jnp.sign(b1 * _up(m) + (1.0 - b1) * _up(g)).astype(g.dtype),
-        state.mu, updates)
-    mu = jax.tree.map(lambda m, g: b2 * _up(m) + (1.0 - b2) * _up(g), state.mu, updates)
+    direction, mu = map_leaves(lambda g, m: lion_leaf(g, m, b1=b1, b2=b2), updates, state.mu,
+                               n_outputs=2)
     return direction, ScaleByLionState(
-        count=_increment(state.count), mu=_cast_tree(mu, mu_dtype, state.mu))
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-# --------------------------------------------------------------------------------------------
-# SGD momentum (PyTorch semantics)
-
-
-class ScaleByMomentumState(NamedTuple):
-  """State of ``scale_by_momentum``: step count and the momentum buffer."""
-  count: chex.Array
-  trace: optax.Updates
-
-
-def scale_by_momentum(
-    momentum: float = 0.9,
-    dampening: float = 0.0,
-    nesterov: bool = False,
-    *,
-    mu_dtype: Optional[Any] = None,
-) -> optax.GradientTransformation:
-  r"""torch.optim.SGD's momentum buffer.
-
-  .. math::
-    b_1 = g_1,\qquad b_t = \mu\, b_{t-1} + (1-\tau)\, g_t \quad (t > 1) \\
-    u_t = g_t + \mu\, b_t \ \text{(nesterov)}\quad\text{else}\quad u_t = b_t
-
-  With ``dampening = momentum`` this is the EMA form :math:`b = \beta b + (1-\beta) g`.
-  Like PyTorch (and unlike ``optax.trace``), the buffer starts at the first gradient, not at
-  zero, so the first step equals plain SGD.
-
-  Args:
-    momentum: the factor :math:`\mu`, in [0, 1).
-    dampening: :math:`\tau`, in [0, 1].
-    nesterov: Nesterov momentum (requires momentum > 0 and dampening == 0, as PyTorch).
-    mu_dtype: storage dtype of the buffer.
-  """
-  owner = "scale_by_momentum"
-  check_real(owner, "momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
-  check_real(owner, "dampening", dampening, lo=0.0, hi=1.0)
-  if nesterov and (_is_static_zero(momentum) or not _is_static_zero(dampening)):
-    raise ValueError(
-        f"{owner}: `nesterov` requires momentum > 0 and dampening == 0, got "
-        f"momentum={momentum!r}, dampening={dampening!r}")
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-
-  def init_fn(params):
-    return ScaleByMomentumState(
-        count=jnp.zeros([], jnp.int32), trace=_zeros_like(params, mu_dtype))
-
-  def update_fn(updates, state, params=None):
-    del params
-    first = state.count == 0
-
-    def buffer(b, g):
-      g = _up(g)
-      return jnp.where(first, g, momentum * _up(b) + (1.0 - dampening) * g)
-
-    trace = jax.tree.map(buffer, state.trace, updates)
-    if nesterov:
-      out = jax.tree.map(lambda g, b: (_up(g) + momentum * b).astype(g.dtype), updates, trace)
-    else:
-      out = jax.tree.map(lambda g, b: b.astype(g.dtype), updates, trace)
-    return out, ScaleByMomentumState(
-        count=_increment(state.count), trace=_cast_tree(trace, mu_dtype, state.trace))
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-# --------------------------------------------------------------------------------------------
-# Adagrad (PyTorch semantics)
-
-
-class ScaleByAdagradState(NamedTuple):
-  """State of ``scale_by_adagrad``: step count and the running sum of squared gradients."""
-  count: chex.Array
-  sum_of_squares: optax.Updates
-
-
-def scale_by_adagrad(
-    initial_accumulator_value: float = 0.0,
-    eps: float = 1e-10,
-    lr_decay: float = 0.0,
-) -> optax.GradientTransformation:
-  r"""torch.optim.Adagrad's direction (Duchi et al., 2011).
-
-  .. math::
-    s_t = s_{t-1} + g_t^2,\qquad u_t = \frac{g_t}{(\sqrt{s_t} + \epsilon)(1 + (t-1)\,d)}
-
-  with :math:`s_0` = ``initial_accumulator_value`` and :math:`d` = ``lr_decay``. PyTorch adds
-  eps outside the square root (optax.adagrad adds it inside and starts the sum at 0.1).
-  """
-  owner = "scale_by_adagrad"
-  check_real(owner, "initial_accumulator_value", initial_accumulator_value, lo=0.0)
-  check_real(owner, "eps", eps, lo=0.0)
-  check_real(owner, "lr_decay", lr_decay, lo=0.0)
-
-  def init_fn(params):
-    return ScaleByAdagradState(
-        count=jnp.zeros([], jnp.int32),
-        sum_of_squares=jax.tree.map(
-            lambda p: jnp.full(p.shape, initial_accumulator_value, _compute_dtype(p)), params))
-
-  def update_fn(updates, state, params=None):
-    del params
-    count = _increment(state.count)
-    decay = 1.0 + (count.astype(_F32) - 1.0) * lr_decay
-    sos = jax.tree.map(lambda s, g: s + jnp.square(_up(g)), state.sum_of_squares, updates)
-    out = jax.tree.map(
-        lambda g, s: (_up(g) / (jnp.sqrt(s) + eps) / decay).astype(g.dtype), updates, sos)
-    return out, ScaleByAdagradState(count=count, sum_of_squares=sos)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-# --------------------------------------------------------------------------------------------
-# RMSprop (PyTorch semantics)
-
-
-class ScaleByRmspropState(NamedTuple):
-  """State of ``scale_by_rmsprop``: square average, gradient average (centered), buffer."""
-  count: chex.Array
-  square_avg: optax.Updates
-  grad_avg: Optional[optax.Updates]  # centered=True only
-  momentum_buffer: Optional[optax.Updates]  # momentum given (not a literal 0) only
-
-
-def scale_by_rmsprop(
-    alpha: float = 0.99,
-    eps: float = 1e-8,
-    centered: bool = False,
-    momentum: float = 0.0,
-) -> optax.GradientTransformation:
-  r"""torch.optim.RMSprop's direction (Hinton, 2012).
-
-  .. math::
-    s_t = \alpha s_{t-1} + (1-\alpha) g_t^2,\quad
-    d_t = \sqrt{s_t - \bar g_t^2} + \epsilon \ \text{(centered,}\ \bar g_t = \alpha \bar g_{t-1}
-    + (1-\alpha) g_t)\ \text{else}\ \sqrt{s_t} + \epsilon \\
-    u_t = b_t = \mu b_{t-1} + g_t / d_t \ \text{(momentum)}\quad\text{else}\quad u_t = g_t / d_t
-
-  eps is added outside the square root (optax.rmsprop adds it inside by default).
-  """
-  owner = "scale_by_rmsprop"
-  check_real(owner, "alpha", alpha, lo=0.0, hi=1.0, hi_open=True)
-  check_real(owner, "eps", eps, lo=0.0)
-  check_real(owner, "momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
-  use_momentum = not _is_static_zero(momentum)
-
-  def init_fn(params):
-    zeros = lambda: _zeros_like(params, None)
-    return ScaleByRmspropState(
-        count=jnp.zeros([], jnp.int32),
-        square_avg=zeros(),
-        grad_avg=zeros() if centered else None,
-        momentum_buffer=zeros() if use_momentum else None)
-
-  def update_fn(updates, state, params=None):
-    del params
-    square_avg = jax.tree.map(
-        lambda s, g: alpha * s + (1.0 - alpha) * jnp.square(_up(g)), state.square_avg, updates)
-    if centered:
-      # lerp form a + (1-alpha)(g - a), as torch: s - gbar**2 below cancels, so the way gbar
-      # is rounded shows up in the result.
-      grad_avg = jax.tree.map(
-          lambda a, g: a + (1.0 - alpha) * (_up(g) - a), state.grad_avg, updates)
-      # max(., 0) only guards against rounding below zero; mathematically s >= gbar^2.
-      denom = jax.tree.map(
-          lambda s, a: jnp.sqrt(jnp.maximum(s - jnp.square(a), 0.0)) + eps, square_avg, grad_avg)
-    else:
-      grad_avg = None
-      denom = jax.tree.map(lambda s: jnp.sqrt(s) + eps, square_avg)
-    scaled = jax.tree.map(lambda g, d: _up(g) / d, updates, denom)
-    if use_momentum:
-      buf = jax.tree.map(lambda b, x: momentum * b + x, state.momentum_buffer, scaled)
-      scaled = buf
-    else:
-      buf = None
-    out = jax.tree.map(lambda x, g: x.astype(g.dtype), scaled, updates)
-    return out, ScaleByRmspropState(
-        count=_increment(state.count), square_avg=square_avg, grad_avg=grad_avg,
-        momentum_buffer=buf)
+        count=optax.safe_increment(state.count), mu=store_tree(mu, mu_dtype, state.mu))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -459,27 +216,66 @@ class ScaleBySophiaState(NamedTuple):
   win_rate: chex.Array  # float32, fraction of coordinates NOT clipped by the last update
 
 
-def _sophia_direction(m: jax.Array, h: jax.Array, rho: Any,
-                      eps: Any) -> tuple[jax.Array, jax.Array]:
-  """``sign(m) * min(|m| / (rho * max(h, 0) + eps), 1)`` and the not-clipped mask.
+def sophia_leaf(g: jax.Array, m: jax.Array, h: jax.Array, *, b1: Any, rho: Any,
+                eps: Any) -> tuple:
+  r"""Sophia on one leaf: ``(direction, m', not_clipped)``.
 
-  Written as a select so that no 0/0 or x/0 is ever evaluated: when |m| >= denominator the
-  ratio is exactly 1 (as min(., 1) gives), otherwise the denominator is > |m| >= 0.
+  .. math::
+    m' = b_1 m + (1-b_1) g,\qquad
+    u = \operatorname{sign}(m')\min\!\left(\frac{|m'|}{\rho\max(h, 0) + \epsilon}, 1\right)
+
+  Written as a select so that no 0/0 or x/0 is ever evaluated: when |m'| >= denominator the
+  ratio is exactly 1 (as min(., 1) gives), otherwise the denominator is > |m'| >= 0.
   ``h > 0`` is False for negative, zero and NaN curvature, which all count as zero.
+  ``not_clipped`` is the boolean mask ``|m'| < rho max(h, 0) + eps`` (for the win rate).
   """
-  a = jnp.abs(m)
-  denom = rho * jnp.where(h > 0, h, jnp.zeros_like(h)) + eps
-  kept = a < denom
-  ratio = jnp.where(kept, a / jnp.where(kept, denom, jnp.ones_like(denom)), 1.0)
-  return jnp.sign(m) * ratio, kept
+  m1 = ema(m, g, b1)
+  h = upcast(h)
+  a = jnp.abs(m1)
+  den = rho * jnp.where(h > 0, h, jnp.zeros_like(h)) + eps
+  kept = a < den
+  ratio = jnp.where(kept, a / jnp.where(kept, den, jnp.ones_like(den)), 1.0)
+  return (jnp.sign(m1) * ratio).astype(g.dtype), m1, kept
+
+
+def fold_hessian(hessian: optax.Updates, estimate: optax.Updates, b2: Any) -> optax.Updates:
+  r"""Sophia's Hessian EMA :math:`h' = b_2 h + (1-b_2)\hat H`, stored in ``h``'s dtype.
+
+  ``estimate`` is a pytree with the parameters' structure; leaves that are ``MaskedNode``
+  in ``hessian`` (inside ``optax.masked``, which does not mask extra arguments) are skipped.
+
+  Raises:
+    ValueError: naming the expected structure or leaf shape when ``estimate`` differs.
+  """
+  owner = "scale_by_sophia"
+
+  def one(h, est):
+    if isinstance(h, optax.MaskedNode):
+      return h
+    est = jnp.asarray(est)
+    if est.shape != h.shape:
+      raise ValueError(
+          f"{owner}: each `hessian` leaf must have its parameter's shape {h.shape}, got "
+          f"{est.shape}")
+    return ema(h, est.astype(compute_dtype(h)), b2).astype(h.dtype)
+
+  try:
+    return jax.tree.map(one, hessian, estimate,
+                        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  except (ValueError, TypeError) as e:
+    if str(e).startswith(owner):
+      raise
+    raise ValueError(
+        f"{owner}: `hessian` must be a pytree with the parameters' structure "
+        f"({jax.tree.structure(hessian)}), got {jax.tree.structure(estimate)}") from e
 
 
 def scale_by_sophia(
     b1: float = 0.965,
     b2: float = 0.99,
+    *,
     rho: float = 0.04,
     eps: float = 1e-15,
-    *,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -492,11 +288,12 @@ def scale_by_sophia(
     h_t = b_2 h_{t-1} + (1-b_2) \hat H_t \quad\text{only when an estimate } \hat H_t
     \text{ is passed, else } h_t = h_{t-1}
 
-  ``update(updates, state, params=None, *, hessian=None)``: ``hessian`` (an extra argument, so
-  that ``optax.chain`` forwards it) is a pytree like the params holding a fresh estimate
-  :math:`\hat H_t` of the Hessian diagonal (see ``jaxopt_llm.optim.hessian``). It is folded
-  into the EMA *after* the step, as the official code calls ``update_hessian()`` after
-  ``step()``: this step uses the previous EMA. Absent or ``None``: ``h`` is unchanged.
+  (``sophia_leaf`` and ``fold_hessian``). ``update(updates, state, params=None, *,
+  hessian=None)``: ``hessian`` (an extra argument, so that ``optax.chain`` forwards it) is a
+  pytree like the params holding a fresh estimate :math:`\hat H_t` of the Hessian diagonal
+  (see ``jaxopt_llm.optim.hessian``). It is folded into the EMA *after* the step, as the
+  official code calls ``update_hessian()`` after ``step()``: this step uses the previous EMA.
+  Absent or ``None``: ``h`` is unchanged.
 
   Departures from the official code, all deliberate:
 
@@ -520,7 +317,10 @@ def scale_by_sophia(
     momentum, like the official code, whose first estimate arrives after ``k`` steps.
 
   The state records ``win_rate``, the fraction of coordinates with ``|m| < rho*max(h,0) +
-  eps`` (not clipped) in the last update, for monitoring.
+  eps`` (not clipped) in the last update, for monitoring (counted exactly, in int32).
+
+  ``rho`` and ``eps`` are keyword-only: ``optax.contrib.scale_by_sophia``'s third positional
+  argument is its eps.
 
   Args:
     b1: decay of the momentum, in [0, 1).
@@ -531,66 +331,233 @@ def scale_by_sophia(
     nu_dtype: storage dtype of the Hessian EMA (the second-moment slot, named as in Adam).
   """
   owner = "scale_by_sophia"
-  check_real(owner, "b1", b1, lo=0.0, hi=1.0, hi_open=True)
-  check_real(owner, "b2", b2, lo=0.0, hi=1.0, hi_open=True)
+  _check_decays(owner, b1=b1, b2=b2)
   check_real(owner, "rho", rho, lo=0.0)
   check_real(owner, "eps", eps, lo=0.0)
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-  nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
 
   def init_fn(params):
     return ScaleBySophiaState(
         count=jnp.zeros([], jnp.int32),
-        mu=_zeros_like(params, mu_dtype),
-        hessian=_zeros_like(params, nu_dtype),
+        mu=zeros_like(params, mu_dtype),
+        hessian=zeros_like(params, nu_dtype),
         hessian_count=jnp.zeros([], jnp.int32),
-        win_rate=jnp.zeros([], _F32))
-
-  def fold(h, est):
-    """One EMA step of ``h`` with the estimate; MaskedNode (inside optax.masked) stays."""
-    if isinstance(h, optax.MaskedNode):
-      return h
-    est = jnp.asarray(est)
-    if est.shape != h.shape:
-      raise ValueError(
-          f"{owner}: each `hessian` leaf must have its parameter's shape {h.shape}, got "
-          f"{est.shape}")
-    new = b2 * _up(h) + (1.0 - b2) * est.astype(_compute_dtype(h))
-    return new.astype(h.dtype)
+        win_rate=jnp.zeros([], F32))
 
   def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
     del params, extra_args
-    mu = jax.tree.map(lambda m, g: b1 * _up(m) + (1.0 - b1) * _up(g), state.mu, updates)
-    # Two maps over the same expression (XLA computes it once): a map returning tuples
-    # would be ambiguous when the params themselves are tuples.
-    direction = jax.tree.map(
-        lambda m, h, g: _sophia_direction(m, _up(h), rho, eps)[0].astype(g.dtype),
-        mu, state.hessian, updates)
-    kept = jax.tree.leaves(jax.tree.map(
-        lambda m, h: _sophia_direction(m, _up(h), rho, eps)[1], mu, state.hessian))
-    total = sum(k.size for k in kept)
-    win_rate = (sum(jnp.sum(k, dtype=_F32) for k in kept) / max(total, 1)
-                if kept else jnp.zeros([], _F32))
-
-    if hessian is None:
-      h, hessian_count = state.hessian, state.hessian_count
-    else:
-      try:
-        h = jax.tree.map(fold, state.hessian, hessian,
-                         is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-      except (ValueError, TypeError) as e:
-        if str(e).startswith(owner):
-          raise
-        raise ValueError(
-            f"{owner}: `hessian` must be a pytree with the parameters' structure "
-            f"({jax.tree.structure(state.hessian)}), got {jax.tree.structure(hessian)}"
-        ) from e
-      hessian_count = _increment(state.hessian_count)
+    direction, mu, kept = map_leaves(
+        lambda g, m, h: sophia_leaf(g, m, h, b1=b1, rho=rho, eps=eps),
+        updates, state.mu, state.hessian, n_outputs=3)
+    h, hessian_count = state.hessian, state.hessian_count
+    if hessian is not None:
+      h, hessian_count = fold_hessian(h, hessian, b2), optax.safe_increment(hessian_count)
     return direction, ScaleBySophiaState(
-        count=_increment(state.count),
-        mu=_cast_tree(mu, mu_dtype, state.mu),
+        count=optax.safe_increment(state.count),
+        mu=store_tree(mu, mu_dtype, state.mu),
         hessian=h,
         hessian_count=hessian_count,
-        win_rate=jnp.asarray(win_rate, _F32))
+        win_rate=fraction_true(jax.tree.leaves(kept)))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# SGD momentum (PyTorch semantics)
+
+
+class ScaleByMomentumState(NamedTuple):
+  """State of ``scale_by_momentum``: step count and the momentum buffer."""
+  count: chex.Array
+  trace: optax.Updates
+
+
+def momentum_leaf(g: jax.Array, buf: jax.Array, first: jax.Array, *, momentum: Any,
+                  dampening: Any, nesterov: bool) -> tuple:
+  r"""torch.optim.SGD's momentum on one leaf: ``(direction, b')``.
+
+  :math:`b' = g` on the first step (``first``), else :math:`\mu b + (1-\tau) g`; the
+  direction is :math:`g + \mu b'` (nesterov) or :math:`b'`.
+  """
+  g32 = upcast(g)
+  b1 = jnp.where(first, g32, momentum * upcast(buf) + (1.0 - dampening) * g32)
+  return (g32 + momentum * b1 if nesterov else b1).astype(g.dtype), b1
+
+
+def scale_by_momentum(
+    momentum: float = 0.9,
+    *,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformation:
+  r"""torch.optim.SGD's momentum buffer (``momentum_leaf``).
+
+  .. math::
+    b_1 = g_1,\qquad b_t = \mu\, b_{t-1} + (1-\tau)\, g_t \quad (t > 1) \\
+    u_t = g_t + \mu\, b_t \ \text{(nesterov)}\quad\text{else}\quad u_t = b_t
+
+  With ``dampening = momentum`` this is the EMA form :math:`b = \beta b + (1-\beta) g`.
+  Like PyTorch (and unlike ``optax.trace``), the buffer starts at the first gradient, not at
+  zero, so the first step equals plain SGD.
+
+  Args:
+    momentum: the factor :math:`\mu`, in [0, 1).
+    dampening: :math:`\tau`, in [0, 1].
+    nesterov: Nesterov momentum (requires momentum > 0 and dampening == 0, as PyTorch).
+    mu_dtype: storage dtype of the buffer.
+  """
+  owner = "scale_by_momentum"
+  _check_decays(owner, momentum=momentum)
+  check_real(owner, "dampening", dampening, lo=0.0, hi=1.0)
+  if nesterov and (is_static_zero(momentum) or not is_static_zero(dampening)):
+    raise ValueError(
+        f"{owner}: `nesterov` requires momentum > 0 and dampening == 0, got "
+        f"momentum={momentum!r}, dampening={dampening!r}")
+
+  def init_fn(params):
+    return ScaleByMomentumState(
+        count=jnp.zeros([], jnp.int32), trace=zeros_like(params, mu_dtype))
+
+  def update_fn(updates, state, params=None):
+    del params
+    first = state.count == 0
+    direction, trace = map_leaves(
+        lambda g, b: momentum_leaf(g, b, first, momentum=momentum, dampening=dampening,
+                                   nesterov=nesterov),
+        updates, state.trace, n_outputs=2)
+    return direction, ScaleByMomentumState(
+        count=optax.safe_increment(state.count),
+        trace=store_tree(trace, mu_dtype, state.trace))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Adagrad (PyTorch semantics)
+
+
+class ScaleByAdagradState(NamedTuple):
+  """State of ``scale_by_adagrad``: step count and the running sum of squared gradients."""
+  count: chex.Array
+  sum_of_squares: optax.Updates
+
+
+def adagrad_leaf(g: jax.Array, s: jax.Array, count: jax.Array, *, eps: Any,
+                 lr_decay: Any) -> tuple:
+  r"""torch.optim.Adagrad on one leaf at step ``count``: ``(direction, s')`` with
+  :math:`s' = s + g^2`, :math:`u = g / ((\sqrt{s'} + \epsilon)(1 + (t-1) d))`."""
+  s1 = s + jnp.square(upcast(g))
+  decay = 1.0 + (count.astype(F32) - 1.0) * lr_decay
+  return (upcast(g) / (jnp.sqrt(s1) + eps) / decay).astype(g.dtype), s1
+
+
+def scale_by_adagrad(
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+    *,
+    lr_decay: float = 0.0,
+) -> optax.GradientTransformation:
+  r"""torch.optim.Adagrad's direction (Duchi et al., 2011; ``adagrad_leaf``).
+
+  .. math::
+    s_t = s_{t-1} + g_t^2,\qquad u_t = \frac{g_t}{(\sqrt{s_t} + \epsilon)(1 + (t-1)\,d)}
+
+  with :math:`s_0` = ``initial_accumulator_value`` and :math:`d` = ``lr_decay``. PyTorch adds
+  eps outside the square root (optax.scale_by_rss adds it inside and starts the sum at 0.1).
+  """
+  owner = "scale_by_adagrad"
+  check_real(owner, "initial_accumulator_value", initial_accumulator_value, lo=0.0)
+  check_real(owner, "eps", eps, lo=0.0)
+  check_real(owner, "lr_decay", lr_decay, lo=0.0)
+
+  def init_fn(params):
+    return ScaleByAdagradState(
+        count=jnp.zeros([], jnp.int32),
+        sum_of_squares=jax.tree.map(
+            lambda p: jnp.full(p.shape, initial_accumulator_value, compute_dtype(p)), params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    direction, sum_of_squares = map_leaves(
+        lambda g, s: adagrad_leaf(g, s, count, eps=eps, lr_decay=lr_decay),
+        updates, state.sum_of_squares, n_outputs=2)
+    return direction, ScaleByAdagradState(count=count, sum_of_squares=sum_of_squares)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# RMSprop (PyTorch semantics)
+
+
+class ScaleByRmspropState(NamedTuple):
+  """State of ``scale_by_rmsprop``: square average, gradient average (centered), buffer."""
+  count: chex.Array
+  square_avg: optax.Updates
+  grad_avg: Optional[optax.Updates]  # centered=True only
+  momentum_buffer: Optional[optax.Updates]  # momentum given (not a literal 0) only
+
+
+def rmsprop_leaf(g: jax.Array, s: jax.Array, a: Optional[jax.Array], b: Optional[jax.Array],
+                 *, alpha: Any, eps: Any, momentum: Any) -> tuple:
+  r"""torch.optim.RMSprop on one leaf: ``(direction, s', gbar', b')``.
+
+  ``a`` (the gradient average) is ``None`` unless centered, ``b`` (the momentum buffer)
+  ``None`` without momentum; their new values are then ``None`` too.
+  """
+  g32 = upcast(g)
+  s1 = alpha * s + (1.0 - alpha) * jnp.square(g32)
+  if a is None:
+    a1, den = None, jnp.sqrt(s1) + eps
+  else:
+    # lerp form a + (1-alpha)(g - a), as torch: s - gbar**2 below cancels, so the way gbar
+    # is rounded shows up in the result. max(., 0) only guards against rounding below zero.
+    a1 = a + (1.0 - alpha) * (g32 - a)
+    den = jnp.sqrt(jnp.maximum(s1 - jnp.square(a1), 0.0)) + eps
+  u = g32 / den
+  b1 = None if b is None else momentum * b + u
+  return (u if b1 is None else b1).astype(g.dtype), s1, a1, b1
+
+
+def scale_by_rmsprop(
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    *,
+    centered: bool = False,
+    momentum: float = 0.0,
+) -> optax.GradientTransformation:
+  r"""torch.optim.RMSprop's direction (Hinton, 2012; ``rmsprop_leaf``).
+
+  .. math::
+    s_t = \alpha s_{t-1} + (1-\alpha) g_t^2,\quad
+    d_t = \sqrt{s_t - \bar g_t^2} + \epsilon \ \text{(centered,}\ \bar g_t = \alpha \bar g_{t-1}
+    + (1-\alpha) g_t)\ \text{else}\ \sqrt{s_t} + \epsilon \\
+    u_t = b_t = \mu b_{t-1} + g_t / d_t \ \text{(momentum)}\quad\text{else}\quad u_t = g_t / d_t
+
+  eps is added outside the square root (optax.rmsprop adds it inside by default).
+  """
+  owner = "scale_by_rmsprop"
+  _check_decays(owner, alpha=alpha, momentum=momentum)
+  check_real(owner, "eps", eps, lo=0.0)
+  use_momentum = not is_static_zero(momentum)
+
+  def init_fn(params):
+    zeros = lambda: zeros_like(params, None)
+    return ScaleByRmspropState(
+        count=jnp.zeros([], jnp.int32),
+        square_avg=zeros(),
+        grad_avg=zeros() if centered else None,
+        momentum_buffer=zeros() if use_momentum else None)
+
+  def update_fn(updates, state, params=None):
+    del params
+    direction, square_avg, grad_avg, buf = map_leaves(
+        lambda g, s, a, b: rmsprop_leaf(g, s, a, b, alpha=alpha, eps=eps, momentum=momentum),
+        updates, state.square_avg, state.grad_avg, state.momentum_buffer, n_outputs=4)
+    return direction, ScaleByRmspropState(
+        count=optax.safe_increment(state.count), square_avg=square_avg,
+        grad_avg=grad_avg if centered else None,
+        momentum_buffer=buf if use_momentum else None)
+
+  return optax.GradientTransformation(init_fn, update_fn)

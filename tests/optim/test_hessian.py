@@ -1,5 +1,5 @@
 """Sophia's Hessian estimators (Gauss-Newton-Bartlett, Hutchinson) against their closed forms
-in expectation, on 8 devices with axis_name, and the every-k train-step helper."""
+in expectation, on 8 devices with axis_name, the every-k train-step helper and the monitors."""
 import functools
 
 import chex
@@ -426,3 +426,46 @@ def test_flax_nnx_optimizer_every_k_with_nnx_cond():
   assert int(count) == 3
   assert float(optim.sophia_hessian_norm(opt.opt_state)) > 0.0
   assert 0.0 <= float(optim.sophia_win_rate(opt.opt_state)) <= 1.0
+
+def _params_like_sophia():
+  rng = np.random.default_rng(0)
+  return {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+          "b": jnp.asarray(rng.normal(size=3), jnp.float32)}
+
+
+def _rand_like(params, seed, positive=False):
+  rng = np.random.default_rng(seed)
+  one = lambda x: jnp.asarray(np.abs(rng.normal(size=x.shape)) if positive
+                              else rng.normal(size=x.shape), jnp.float32)
+  return jax.tree.map(one, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Monitors
+def test_monitors_find_state_in_multisteps_and_reject_other_optimizers():
+  params = _params_like_sophia()
+  tx = optax.MultiSteps(optim.sophia(1e-2), every_k_schedule=2)
+  state = tx.init(params)
+  e = _rand_like(params, 5, positive=True)
+  for _ in range(2):  # the estimate given on the emitting micro-step is kept
+    _, state = tx.update(_rand_like(params, 1), state, params, hessian=e)
+  assert int(state.inner_opt_state[0].hessian_count) == 1
+  chex.assert_trees_all_close(optim.sophia_hessian_norm(state), 0.01 * optax.tree.norm(e),
+                              rtol=1e-6)
+  assert 0.0 <= float(optim.sophia_win_rate(state)) <= 1.0
+  adam_state = optim.adamw(1e-3).init(params)
+  for fn in (optim.sophia_win_rate, optim.sophia_hessian_norm):
+    with pytest.raises(ValueError, match="ScaleBySophiaState"):
+      fn(adam_state)
+
+
+def test_win_rate_weighted_over_several_sophia_states():
+  p = {"a": jnp.ones(3), "b": jnp.ones(1)}
+  tx = optax.multi_transform({"x": optim.scale_by_sophia(), "y": optim.scale_by_sophia()},
+                             {"a": "x", "b": "y"})
+  state = tx.init(p)
+  # "a": h large -> 3 coordinates not clipped; "b": h = 0 -> clipped.
+  est = {"a": jnp.full(3, 1e6), "b": jnp.zeros(1)}
+  _, state = tx.update(jax.tree.map(jnp.ones_like, p), state, p, hessian=est)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, p), state, p)
+  chex.assert_trees_all_close(optim.sophia_win_rate(state), jnp.float32(0.75))

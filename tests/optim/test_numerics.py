@@ -1,0 +1,68 @@
+"""jaxopt_llm.optim.numerics: saturating storage, safe division, bias correction, counting."""
+import chex
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_llm.optim import numerics
+
+BF16, F16 = jnp.bfloat16, jnp.float16
+
+
+def test_store_saturates_and_never_rounds_a_second_moment_to_zero():
+  x = jnp.array([1e-12, 1e-9, 0.0, 1e6, -1e6, 1.0], jnp.float32)
+  v = numerics.store(x, F16, keep_nonzero=True)
+  tiny = jnp.finfo(F16).smallest_subnormal
+  np.testing.assert_array_equal(np.asarray(v, np.float32),
+                                np.asarray([tiny, tiny, 0.0, 65504.0, -65504.0, 1.0],
+                                           np.float32))
+  m = numerics.store(x, F16)
+  assert float(m[0]) == 0.0 and float(m[3]) == 65504.0
+  # bf16 has float32's exponent range: a plain cast, no extra ops
+  chex.assert_trees_all_equal(numerics.store(x, BF16), x.astype(BF16))
+
+
+def test_fp16_nu_without_the_guard_would_overflow():
+  """The failure the guard prevents: with v stored by a plain fp16 cast, v underflows to 0
+  and the next update m / eps overflows fp16."""
+  m = jnp.float32(0.1 * 2e-3)          # first moment after one 2e-3 gradient
+  v_plain = (jnp.float32(0.001) * jnp.float32(2e-3) ** 2).astype(F16)   # 4e-9 -> 0
+  assert float(v_plain) == 0.0
+  u_plain = (m / 0.1) / (jnp.sqrt(v_plain.astype(jnp.float32)) / jnp.sqrt(0.001) + 1e-8)
+  assert not np.isfinite(np.float32(u_plain.astype(F16)))
+  v_safe = numerics.store(jnp.float32(0.001) * jnp.float32(2e-3) ** 2, F16,
+                             keep_nonzero=True)
+  u_safe = (m / 0.1) / (jnp.sqrt(v_safe.astype(jnp.float32)) / jnp.sqrt(0.001) + 1e-8)
+  assert np.isfinite(np.float32(u_safe.astype(F16)))
+
+
+def test_bias_correction_is_accurate_for_b_close_to_one():
+  """1 - 0.999**1 = 1e-3 exactly; the float32 form 1 - 0.999 is off by ~1e-5 relative."""
+  got = float(numerics.bias_correction(0.999, jnp.int32(1)))
+  np.testing.assert_allclose(got, 1e-3, rtol=1e-6)
+  assert abs(float(1 - jnp.float32(0.999)) - 1e-3) / 1e-3 > 1e-6  # what it avoids
+  assert float(numerics.bias_correction(0.0, jnp.int32(3))) == 1.0
+
+
+def test_safe_div_gives_zero_for_zero_denominator_only_without_a_positive_eps():
+  num, den = jnp.array([1.0, 0.0, jnp.nan]), jnp.array([0.0, 0.0, 1.0])
+  out = np.asarray(numerics.safe_div(num, den, 0.0))
+  assert out[0] == 0.0 and out[1] == 0.0 and np.isnan(out[2])
+  assert np.isinf(np.asarray(numerics.safe_div(num, den, 1e-8))[0])  # plain division
+
+
+def test_fraction_true_counts_exactly_in_int32():
+  masks = [jnp.ones(3, bool), jnp.zeros((2, 2), bool), jnp.array(True)]
+  assert float(numerics.fraction_true(masks)) == np.float32(4 / 8)
+  assert float(numerics.fraction_true([])) == 0.0
+  # 2**24 + 1 ones: a float32 running count would stop at 2**24.
+  n = 2**24 + 1
+  frac = numerics.fraction_true([jnp.ones(n, bool), jnp.zeros(n, bool)])
+  assert frac.dtype == jnp.float32 and float(frac) == 0.5
+
+
+def test_map_leaves_keeps_tuple_params_apart():
+  tree = (jnp.ones(2), jnp.zeros(3))
+  a, b = numerics.map_leaves(lambda x: (x + 1, x * 2), tree, n_outputs=2)
+  chex.assert_trees_all_equal(a, (jnp.full(2, 2.0), jnp.ones(3)))
+  chex.assert_trees_all_equal(b, (jnp.full(2, 2.0), jnp.zeros(3)))
+  assert numerics.map_leaves(lambda x: (x,), {}, n_outputs=1) == ({},)
