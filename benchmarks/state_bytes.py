@@ -37,10 +37,7 @@ def gpt_params(vocab: int, d: int, layers: int) -> dict:
 
 
 def optimizers() -> dict:
-  out = {"adamw": optim.adamw(1e-3), "lion": optim.lion(1e-4)}
-  if hasattr(optim, "sophia"):
-    out["sophia"] = optim.sophia(1e-4)
-  return out
+  return {"adamw": optim.adamw(1e-3), "lion": optim.lion(1e-4), "sophia": optim.sophia(1e-4)}
 
 
 def main():
@@ -56,8 +53,6 @@ def main():
   n = mesh.shape["data"]
   print(f"{n_params:,} params ({param_bytes / 2**20:.1f} MiB fp32), {n} "
         f"{jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}")
-  if "sophia" not in optimizers():
-    print("(optim.sophia not available: Sophia rows skipped)")
   print()
   head = (f"{'optimizer':<10}{'mode':<12}{'state MiB/device':>17}{'x params':>10}"
           f"{'params MiB/device':>19}{'state total/params':>20}")
