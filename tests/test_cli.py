@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from jaxopt_llm import cli, optim
+from jaxopt_llm import cli
 
-TINY = ["--layers", "1", "--d-model", "16", "--heads", "2", "--context", "16",
+TINY = ["--n-layer", "1", "--d-model", "16", "--n-head", "2", "--block-size", "16",
         "--batch-size", "4", "--eval-windows", "4", "--no-progress"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -28,7 +28,7 @@ def records(path):
 def test_train_writes_metrics_curve_and_summary_then_resumes(tmp_path, capsys):
   out = str(tmp_path / "run")
   rc = cli.main(["train", "--steps", "4", "--eval-every", "2", "--log-every", "1",
-                 "--sample-tokens", "12", "--prompt", "def ", "--out", out, *TINY])
+                 "--sample-tokens", "12", "--sample-prompt", "def ", "--out", out, *TINY])
   assert rc == 0
   text = capsys.readouterr().out
   for needle in ("val loss", "unigram entropy", "perplexity", "token accuracy", "sample",
@@ -56,7 +56,7 @@ def test_train_writes_metrics_curve_and_summary_then_resumes(tmp_path, capsys):
 
 
 def test_compare_prints_a_table_and_draws_all_curves(tmp_path, capsys):
-  names = "adamw,sophia" if hasattr(optim, "sophia") else "adamw,lion"
+  names = "adamw,sophia"
   out = str(tmp_path / "cmp")
   rc = cli.main(["compare", "--optimizers", names, "--steps", "4", "--eval-every", "0",
                  "--sample-tokens", "0", "--out", out, *TINY])
@@ -74,8 +74,8 @@ def test_compare_prints_a_table_and_draws_all_curves(tmp_path, capsys):
 
 def test_schedule_plots_and_prints_the_values(tmp_path, capsys):
   png = str(tmp_path / "s" / "wc.png")
-  rc = cli.main(["schedule", "warmup_cosine", "--warmup", "1000", "--total", "10000",
-                 "--peak", "1e-4", "--out", png])
+  rc = cli.main(["schedule", "warmup_cosine", "--warmup-steps", "1000", "--steps", "10000",
+                 "--lr", "1e-4", "--out", png])
   assert rc == 0
   text = capsys.readouterr().out
   rows = {int(ln.split()[0]): float(ln.split()[1]) for ln in text.splitlines()
@@ -83,8 +83,8 @@ def test_schedule_plots_and_prints_the_values(tmp_path, capsys):
   assert rows[0] == 0.0 and rows[500] == pytest.approx(5e-5) and rows[1000] == pytest.approx(1e-4)
   assert rows[10000] == pytest.approx(0.0, abs=1e-12)
   assert is_png(png)
-  for name in ("wsd", "inverse_sqrt", "step_decay", "exponential_decay", "cosine_annealing"):
-    assert cli.main(["schedule", name, "--total", "100", "--warmup", "10",
+  for name in ("wsd", "inverse_sqrt", "step_decay", "exponential_lr", "cosine_annealing"):
+    assert cli.main(["schedule", name, "--steps", "100", "--warmup-steps", "10",
                      "--out", str(tmp_path / f"{name}.png")]) == 0, name
 
 
@@ -114,16 +114,21 @@ BAD = [
     (["train", "--lr", "nan"], "--lr"),
     (["train", "--optimizer", "adamx"], "--optimizer"),
     (["train", "--schedule", "linear"], "--schedule"),
-    (["train", "--steps", "10", "--warmup", "50"], "warmup_steps"),
-    (["train", "--heads", "3"], "d_model"),
+    (["train", "--steps", "10", "--warmup-steps", "50"], "--warmup-steps"),
+    (["train", "--n-head", "3"], "--d-model"),
+    (["train", "--shard", "zero3"], "--shard"),
+    (["train", "--num-processes", "2"], "--num-processes"),
+    (["train", "--layers", "2"], "unrecognized"),  # the flags are the config's field names
     (["train", "--fused-ce", "maybe"], "--fused-ce"),
     (["train", "--bogus"], "unrecognized"),
     (["compare", "--optimizers", "adamw,nope"], "nope"),
     (["compare", "--optimizers", "adamw", "--lrs", "adamw=fast"], "--lrs"),
     (["schedule", "cosine"], "invalid choice"),
-    (["schedule", "wsd", "--warmup", "900", "--decay", "200", "--total", "1000"], "exceed"),
-    (["schedule", "wsd", "--decay-type", "exp"], "decay_type"),
-    (["schedule", "warmup_cosine", "--warmup", "2000", "--total", "1000"], "warmup"),
+    (["schedule", "wsd", "--warmup-steps", "900", "--decay-steps", "200", "--steps", "1000"],
+     "exceed"),
+    (["schedule", "wsd", "--decay-type", "exp"], "--decay-type"),
+    (["schedule", "warmup_cosine", "--warmup-steps", "2000", "--steps", "1000"],
+     "--warmup-steps"),
     (["parity", "--tol", "0"], "--tol"),
 ]
 
@@ -157,8 +162,9 @@ def test_console_script_runs_and_reports_bad_arguments(tmp_path):
   if exe is None:
     pytest.skip("the jaxopt-llm console script is not installed (pip install -e .)")
   png = tmp_path / "c.png"
-  ok = subprocess.run([exe, "schedule", "constant_with_warmup", "--warmup", "2", "--total",
-                       "20", "--out", str(png)], capture_output=True, text=True, timeout=300)
+  ok = subprocess.run([exe, "schedule", "constant_with_warmup", "--warmup-steps", "2",
+                       "--steps", "20", "--out", str(png)], capture_output=True, text=True,
+                      timeout=300)
   assert ok.returncode == 0, ok.stderr
   assert "wrote" in ok.stdout and is_png(png)
   bad = subprocess.run([exe, "train", "--steps", "-3"], capture_output=True, text=True,
@@ -166,3 +172,18 @@ def test_console_script_runs_and_reports_bad_arguments(tmp_path):
   assert bad.returncode == 2
   assert bad.stderr.strip().count("\n") == 0 and "--steps" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+def test_train_flags_are_the_config_fields_and_schedule_needs_no_flax(tmp_path):
+  import dataclasses
+  from jaxopt_llm.train.config import TrainConfig
+  flags = {a.option_strings[0] for a in cli._build_parser("train")._subparsers._group_actions[0]
+           .choices["train"]._actions if a.option_strings}
+  for f in dataclasses.fields(TrainConfig):
+    assert "--" + f.name.replace("_", "-") in flags, f.name
+  code = ("import sys; from jaxopt_llm import cli; "
+          "rc = cli.main(['schedule', 'wsd', '--steps', '500', '--out', sys.argv[1]]); "
+          "assert 'flax' not in sys.modules and 'orbax' not in sys.modules; sys.exit(rc)")
+  done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.png")],
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr

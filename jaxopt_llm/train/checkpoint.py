@@ -2,14 +2,19 @@
 
 A checkpoint holds two items under ``<directory>/<step>/``:
 
-* ``state``: the ``TrainState`` pytree (params, optimizer state, step counters, the spike
-  guard's window and counters, the RNG key), written with ``StandardSave`` and read back
+* ``state``: the ``TrainState`` pytree (params, optimizer state with the spike guard's
+  window and counters, step counters, the RNG key), written with ``StandardSave`` and read back
   with ``StandardRestore`` into the structure of a freshly initialised state (so NamedTuple
   optimizer states, MultiSteps accumulators etc. come back as the same types);
-* ``extra``: JSON: the data iterator position (``BatchIterator.state()``) and the run config.
+* ``extra``: JSON: the data iterator position (``BatchIterator.state()``), the run config and
+  the last evaluation.
 
 Arrays are stored bit-for-bit, so ``train 2N`` and ``train N; save; restore into a fresh
-model/optimizer; train N`` give identical arrays (tests/test_checkpoint.py). Saving is
+model/optimizer; train N`` give identical arrays (tests/train/test_checkpoint.py).
+
+Many processes: every process calls ``save`` / ``restore`` with its (sharded) global arrays;
+Orbax coordinates them (each writes its own shards, process 0 the metadata and the JSON), so
+the directory must be one that all processes see. Saving is
 synchronous (the state is small; asynchronous saves would need ``wait_until_finished``
 before every read of the directory).
 """
@@ -20,6 +25,7 @@ import shutil
 from typing import Any, Optional
 
 import jax
+from jax.experimental import multihost_utils
 
 
 def _ocp():
@@ -81,9 +87,15 @@ class Checkpointer:
     return dict(out["extra"])
 
   def clear(self) -> None:
-    """Deletes every checkpoint of this directory (a fresh run in an old output folder)."""
+    """Deletes every checkpoint of this directory (a fresh run in an old output folder).
+
+    Many processes: process 0 deletes, the others wait for it (a barrier on both sides, so
+    no process still reads the old directory or already writes the new one)."""
     self._manager.close()
-    shutil.rmtree(self.directory, ignore_errors=True)
+    multihost_utils.sync_global_devices("jaxopt_llm.Checkpointer.clear:start")
+    if jax.process_index() == 0:
+      shutil.rmtree(self.directory, ignore_errors=True)
+    multihost_utils.sync_global_devices("jaxopt_llm.Checkpointer.clear:done")
     self.__init__(self.directory, self._max_to_keep)
 
   def close(self) -> None:

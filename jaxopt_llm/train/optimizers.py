@@ -1,19 +1,33 @@
-"""Named optimizer and schedule recipes for the tiny GPT (what ``--optimizer``/``--schedule`` pick).
+"""The one builder: a ``TrainConfig`` -> (learning-rate schedule, optimizer).
 
-Each ``OptimizerRecipe`` builds a ``jaxopt_llm.optim`` optimizer from a learning-rate schedule
-and a weight decay, with a recommended peak lr and decay for this model (tuned on the
-embedded corpus; see ``benchmarks``/README). Decoupled decay uses ``weight_decay_mask``
-(matrices only: no biases, LayerNorm scales). ``uses_hessian`` marks Sophia: its train step
-calls the Gauss-Newton-Bartlett estimator every ``hessian_every`` optimizer steps.
+``build(cfg)`` is what ``jaxopt-llm train``, ``compare`` and ``schedule`` all call. The
+optimizer it returns is the whole update rule of a train step::
+
+  skip_spikes( [MultiSteps(] clip_by_global_norm(clip) -> recipe(schedule, weight_decay) [, accum)] )
+
+* ``OPTIMIZERS``: named recipes building a ``jaxopt_llm.optim`` optimizer from a schedule and
+  a weight decay, with a recommended peak lr and decay for the tiny GPT (tuned on the
+  embedded corpus, see README). Decoupled decay uses ``weight_decay_mask`` (matrices only).
+  ``uses_hessian`` marks Sophia: its train step feeds it a Gauss-Newton-Bartlett estimate
+  every ``hessian_every`` optimizer steps (``optim.hessian.update_every_k``).
+* ``SCHEDULES``: named ``jaxopt_llm.schedules`` over the run's ``steps`` optimizer steps.
+* ``optax.MultiSteps`` (only when ``accum > 1``) averages ``accum`` micro-batch gradients;
+  the clip then acts on the average, as it should.
+* ``optim.guards.skip_spikes`` (outermost: it judges each micro-batch's loss) skips
+  non-finite steps and loss spikes.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import optax
 
 from jaxopt_llm import optim, schedules
+from jaxopt_llm.optim import guards
+
+if TYPE_CHECKING:
+  from jaxopt_llm.train.config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,15 +39,9 @@ class OptimizerRecipe:
   note: str = ""
 
 
-def _sophia(lr, wd):
-  if not hasattr(optim, "sophia"):
-    raise ValueError("optimizer 'sophia' is not available in this version of jaxopt_llm")
-  return optim.sophia(lr, b1=0.965, b2=0.99, rho=0.04, weight_decay=wd,
-                      mask=optim.weight_decay_mask)
-
-
 _MASK = optim.weight_decay_mask
 
+# The learning rate goes in positionally: the optimizers' first argument.
 OPTIMIZERS: dict[str, OptimizerRecipe] = {
     "adamw": OptimizerRecipe(
         lambda lr, wd: optim.adamw(lr, b1=0.9, b2=0.95, weight_decay=wd, mask=_MASK),
@@ -48,7 +56,9 @@ OPTIMIZERS: dict[str, OptimizerRecipe] = {
         lambda lr, wd: optim.lion(lr, b1=0.9, b2=0.99, weight_decay=wd, mask=_MASK),
         lr=1e-3, weight_decay=0.3, note="3x smaller lr, 3x larger decay than AdamW"),
     "sophia": OptimizerRecipe(
-        _sophia, lr=5e-4, weight_decay=0.1, uses_hessian=True,
+        lambda lr, wd: optim.sophia(lr, b1=0.965, b2=0.99, rho=0.04, weight_decay=wd,
+                                    mask=_MASK),
+        lr=5e-4, weight_decay=0.1, uses_hessian=True,
         note="SophiaG, GNB Hessian estimate every k steps"),
     "sgd": OptimizerRecipe(
         lambda lr, wd: optim.sgd(lr, weight_decay=wd, mask=_MASK), lr=0.5, weight_decay=0.0),
@@ -66,54 +76,72 @@ OPTIMIZERS: dict[str, OptimizerRecipe] = {
         weight_decay=0.0),
 }
 
-# name -> (builder(peak_lr, warmup, total, min_lr) -> schedule). Every entry decays over the
-# run's ``total`` optimizer steps so that "same budget" comparisons are fair.
-SCHEDULES: dict[str, Callable[[float, int, int, float], optax.Schedule]] = {
-    "warmup_cosine": lambda p, w, t, m: schedules.warmup_cosine(p, w, t, min_lr=m),
-    "wsd": lambda p, w, t, m: schedules.wsd(
-        p, w, max(t - w - max(t // 5, 1), 0), min(max(t // 5, 1), t - w), min_lr=m),
-    "linear_decay": lambda p, w, t, m: schedules.linear_decay(p, w, t, min_lr=m),
-    "polynomial_decay": lambda p, w, t, m: schedules.polynomial_decay(p, w, t, min_lr=m,
-                                                                     power=2.0),
-    "inverse_sqrt": lambda p, w, t, m: schedules.inverse_sqrt(p, w),
-    "constant_with_warmup": lambda p, w, t, m: schedules.constant_with_warmup(p, w),
-    "cosine_annealing": lambda p, w, t, m: schedules.cosine_annealing(p, t, eta_min=m),
-    "constant": lambda p, w, t, m: schedules.constant_with_warmup(p, 0),
+
+def _wsd(cfg: TrainConfig, peak: float, min_lr: float) -> optax.Schedule:
+  decay = max(cfg.steps // 5, 1) if cfg.decay_steps is None else cfg.decay_steps
+  stable = cfg.steps - cfg.warmup - decay
+  if stable < 0:
+    raise ValueError(f"wsd: `warmup_steps` ({cfg.warmup}) + `decay_steps` ({decay}) exceed "
+                     f"`steps` ({cfg.steps})")
+  return schedules.wsd(peak, cfg.warmup, stable, decay, min_lr=min_lr,
+                       decay_type=cfg.decay_type)
+
+
+def _exponential(cfg: TrainConfig, peak: float, min_lr: float) -> optax.Schedule:
+  # Default factor: reach the min lr (or peak / 100 when it is 0) at the last step.
+  end = min_lr if min_lr > 0 else peak / 100
+  gamma = (end / peak) ** (1.0 / cfg.steps) if cfg.gamma is None else cfg.gamma
+  return schedules.exponential_lr(peak, gamma)
+
+
+# name -> (cfg, peak lr, min lr) -> schedule over cfg.steps optimizer steps.
+SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
+    "warmup_cosine": lambda c, p, m: schedules.warmup_cosine(p, c.warmup, c.steps, min_lr=m),
+    "wsd": _wsd,
+    "linear_decay": lambda c, p, m: schedules.linear_decay(p, c.warmup, c.steps, min_lr=m),
+    "polynomial_decay": lambda c, p, m: schedules.polynomial_decay(
+        p, c.warmup, c.steps, min_lr=m, power=c.power),
+    "inverse_sqrt": lambda c, p, m: schedules.inverse_sqrt(p, c.warmup),
+    "constant_with_warmup": lambda c, p, m: schedules.constant_with_warmup(p, c.warmup),
+    "constant": lambda c, p, m: schedules.constant_with_warmup(p, 0),
+    "cosine_annealing": lambda c, p, m: schedules.cosine_annealing(p, c.steps, eta_min=m),
+    "step_decay": lambda c, p, m: schedules.step_decay(
+        p, max(c.steps // 3, 1), gamma=0.1 if c.gamma is None else c.gamma),
+    "exponential_lr": _exponential,
 }
 
 
-def optimizer_names() -> tuple[str, ...]:
-  names = tuple(OPTIMIZERS)
-  return names if hasattr(optim, "sophia") else tuple(n for n in names if n != "sophia")
+def build_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """``cfg.schedule`` from its peak lr ``cfg.peak_lr`` to ``min_lr_ratio * peak`` over
+  ``cfg.steps``. ``inverse_sqrt``, ``constant*`` and ``step_decay`` ignore the min lr,
+  ``cosine_annealing``, ``step_decay`` and ``exponential_lr`` have no warmup."""
+  if cfg.schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {cfg.schedule!r}")
+  peak = cfg.peak_lr
+  return SCHEDULES[cfg.schedule](cfg, peak, cfg.min_lr_ratio * peak)
 
 
-def build_schedule(name: str, peak_lr: float, warmup_steps: int, total_steps: int,
-                   min_lr: float = 0.0) -> optax.Schedule:
-  """A schedule from ``SCHEDULES`` over ``total_steps`` optimizer steps (ValueError if unknown).
-
-  ``wsd`` decays over the last 20% of the run; ``inverse_sqrt``, ``constant_with_warmup``
-  and ``constant`` ignore ``min_lr``; ``cosine_annealing`` has no warmup.
-  """
-  if name not in SCHEDULES:
-    raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {name!r}")
-  return SCHEDULES[name](peak_lr, warmup_steps, total_steps, min_lr)
-
-
-def build_optimizer(name: str, schedule: optax.Schedule, weight_decay: float | None = None,
-                    *, clip: float = 1.0, accum: int = 1) -> optax.GradientTransformation:
-  """``[MultiSteps(] clip_by_global_norm(clip) -> optimizer(schedule) [, accum)]``.
-
-  ``clip <= 0`` disables clipping. With ``accum > 1``, ``optax.MultiSteps`` averages
-  ``accum`` micro-batch gradients and applies one update every ``accum`` calls (the clip
-  then acts on the averaged gradient, as it should). ``weight_decay=None`` takes the recipe's.
-  """
-  if name not in OPTIMIZERS:
-    raise ValueError(f"optimizer must be one of {optimizer_names()}, got {name!r}")
-  recipe = OPTIMIZERS[name]
-  wd = recipe.weight_decay if weight_decay is None else weight_decay
+def build_optimizer(cfg: TrainConfig, schedule: optax.Schedule
+                    ) -> optax.GradientTransformationExtraArgs:
+  """The guarded, clipped (accumulated) recipe of ``cfg.optimizer`` driven by ``schedule``."""
+  if cfg.optimizer not in OPTIMIZERS:
+    raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {cfg.optimizer!r}")
+  recipe = OPTIMIZERS[cfg.optimizer]
+  wd = recipe.weight_decay if cfg.weight_decay is None else cfg.weight_decay
   tx = recipe.build(schedule, wd)
-  if clip and clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
-  if accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accum)
-  return tx
+  if cfg.clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), tx)
+  if cfg.accum > 1:
+    # MultiSteps forwards extra arguments (Sophia's hessian=) but is not an optax
+    # GradientTransformationExtraArgs, so wrappers would drop them: say that it takes them.
+    steps = optax.MultiSteps(tx, every_k_schedule=cfg.accum)
+    tx = optax.GradientTransformationExtraArgs(steps.init, steps.update)
+  return guards.skip_spikes(tx, k=cfg.spike_k, window=cfg.spike_window,
+                            min_history=cfg.spike_min_history,
+                            max_consecutive_skips=cfg.max_consecutive_skips)
+
+
+def build(cfg: TrainConfig) -> tuple[optax.Schedule, optax.GradientTransformationExtraArgs]:
+  """``(schedule, optimizer)`` for ``cfg``; ValueError on a bad combination."""
+  schedule = build_schedule(cfg)
+  return schedule, build_optimizer(cfg, schedule)
