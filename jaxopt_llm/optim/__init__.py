@@ -10,6 +10,7 @@ Where each piece lives:
   formulas in one ordered pass; ``state_bytes``.
 * ``hessian``: Sophia's Hessian-diagonal estimators, ``update_every_k`` and monitors.
 * ``numerics``: arithmetic shared by all of them (dtype policy, EMA, saturating storage).
+* ``guards``: ``skip_spikes``, a wrapper that skips an update on a non-finite or spiking loss.
 """
 from jaxopt_llm.optim.aliases import (
     adagrad,
@@ -38,6 +39,8 @@ from jaxopt_llm.optim.transforms import (
     scale_by_rmsprop,
     scale_by_sophia,
 )
+from jaxopt_llm.optim import guards
+from jaxopt_llm.optim.guards import SkipSpikesState, skip_spikes
 # Sophia's estimators, every-k helper and monitors (module: jaxopt_llm.optim.hessian).
 from jaxopt_llm.optim import hessian
 from jaxopt_llm.optim.hessian import (
@@ -61,4 +64,6 @@ __all__ = [
     "sophia", "scale_by_sophia", "ScaleBySophiaState", "hessian", "gauss_newton_bartlett",
     "hutchinson", "update_every_k", "is_estimate_step", "sophia_win_rate",
     "sophia_hessian_norm",
+    # guards
+    "guards", "skip_spikes", "SkipSpikesState",
 ]
