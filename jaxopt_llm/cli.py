@@ -62,7 +62,9 @@ def _field_help() -> dict[str, str]:
     if m:
       last = m.group(1)
       out[last] = m.group(2)
-    elif last and re.match(r"\s+#\s*(.*)$", line):  # a comment continued on the next line
+    # A comment continued on the next line sits in the comment column; a section heading
+    # ("  # guard ...") sits at the fields' indentation and is no field's help.
+    elif last and re.match(r"\s{8,}#\s*(.*)$", line):
       out[last] += " " + line.strip().lstrip("#").strip()
     else:
       last = None

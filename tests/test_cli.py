@@ -187,3 +187,11 @@ def test_train_flags_are_the_config_fields_and_schedule_needs_no_flax(tmp_path):
   done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.png")],
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
+
+
+def test_help_texts_are_the_field_comments_without_section_headings():
+  helps = cli._field_help()
+  assert helps["tied_head"] == "output matrix = the token embedding, transposed"
+  assert helps["hessian_every"] == "Sophia: Hessian estimate every k optimizer steps"
+  # A comment continued on the next line belongs to its field.
+  assert helps["gamma"].endswith("(default: reaches min lr at the end) factor")
