@@ -38,3 +38,29 @@ def test_version_and_subpackages():
   assert isinstance(jaxopt_llm.__version__, str)
   for name in ("losses", "optim", "schedules"):
     assert hasattr(jaxopt_llm, name)
+
+
+def test_no_module_imports_another_modules_private_names():
+  # Shared helpers live under public names (a leading-underscore *module* such as
+  # `_validation.py` is fine); `from jaxopt_llm.x import _helper` is not.
+  import ast
+  import importlib.util
+  import pathlib
+  root = pathlib.Path(jaxopt_llm.__file__).parent
+  bad = []
+  for path in sorted(root.rglob("*.py")):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxopt_llm"):
+        for alias in node.names:
+          name = alias.name
+          if name.startswith("_") and not name.startswith("__") and importlib.util.find_spec(
+              f"{node.module}.{name}") is None:
+            bad.append(f"{path.relative_to(root)}:{node.lineno}: {node.module}.{name}")
+      elif (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+            and not node.attr.startswith("__") and isinstance(node.value, ast.Name)
+            and node.value.id in {"losses", "optim", "schedules", "parallel", "train",
+                                  "transforms", "aliases", "fused", "hessian", "numerics",
+                                  "cross_entropy", "step", "loop", "config", "model"}):
+        bad.append(f"{path.relative_to(root)}:{node.lineno}: {node.value.id}.{node.attr}")
+  assert not bad, "\n".join(bad)
