@@ -19,6 +19,7 @@ fused linear cross-entropy can compute the loss without materialising ``[B*T, V]
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -183,7 +184,7 @@ def generate(graphdef: nnx.GraphDef, params, prompt: jax.Array, num_tokens: int,
                    model_cfg.block_size)
 
 
-@jax.jit(static_argnums=(0, 4, 5, 6, 7))
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
 def _generate(graphdef, params, prompt, key, num_tokens, temperature, top_k, block):
   model = nnx.merge(graphdef, params)
   p = prompt.shape[0]
