@@ -25,6 +25,7 @@ import shutil
 from typing import Any, Optional
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 
@@ -61,6 +62,8 @@ class Checkpointer:
       # A resumed run that ends where it started: the state at a step is deterministic,
       # so the existing checkpoint already holds it.
       return step
+    # NumPy scalars (np.int32(3)) as 0-d arrays: orbax < 0.11.2x refuses np.generic leaves.
+    state = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, np.generic) else x, state)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=True)
     self._manager.wait_until_finished()
