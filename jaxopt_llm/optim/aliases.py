@@ -154,11 +154,14 @@ def rmsprop(
   return _named("rmsprop", direction, learning_rate, weight_decay, mask, decay_first=True)
 
 
-def _adam_family(owner: str, learning_rate, b1, b2, eps, *, weight_decay, mask, coupled: bool,
-                 amsgrad: bool = False, mu_dtype: Optional[Any] = None,
-                 nu_dtype: Optional[Any] = None, fused: bool = True
+def _adam_family(owner: str, *, learning_rate, b1, b2, eps, weight_decay, mask, coupled: bool,
+                 amsgrad: bool, mu_dtype: Optional[Any], nu_dtype: Optional[Any], fused: bool
                  ) -> optax.GradientTransformation:
-  """Adam's direction with decay before it (coupled L2) or after it (decoupled), then lr."""
+  """Adam's direction with decay before it (coupled L2) or after it (decoupled), then lr.
+
+  ``adam``, ``adam_l2`` and ``adamw`` pass their own arguments on as ``**locals()`` (their
+  first statement): an argument added to one of them and not here fails loudly.
+  """
   direction = transforms.scale_by_adam(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype,
                                        nu_dtype=nu_dtype)
   whole_step = (lambda layout: fused_steps.adam_step(
@@ -169,28 +172,27 @@ def _adam_family(owner: str, learning_rate, b1, b2, eps, *, weight_decay, mask, 
 
 
 def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
-         eps: float = 1e-8, **options: Any) -> optax.GradientTransformation:
+         eps: float = 1e-8, *, amsgrad: bool = False, mu_dtype: Optional[Any] = None,
+         nu_dtype: Optional[Any] = None, fused: bool = True) -> optax.GradientTransformation:
   """torch.optim.Adam without weight decay (see ``adam_l2`` and ``adamw``).
 
-  Positional arguments as ``optax.adam``'s (its fifth, ``eps_root``, has no equivalent here).
-  ``options``: ``amsgrad``, ``mu_dtype``, ``nu_dtype``, ``fused``, as for ``adamw``.
+  Positional arguments as ``optax.adam``'s (its fifth, ``eps_root``, has no equivalent here);
+  the keywords as for ``adamw``.
   """
-  return _adam_family("adam", learning_rate, b1, b2, eps, weight_decay=0.0, mask=None,
-                      coupled=True, **options)
+  return _adam_family("adam", weight_decay=0.0, mask=None, coupled=True, **locals())
 
 
 def adam_l2(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
             eps: float = 1e-8, *, weight_decay: ScalarOrSchedule = 0.01, mask: MaskOrFn = None,
-            **options: Any) -> optax.GradientTransformation:
+            amsgrad: bool = False, mu_dtype: Optional[Any] = None,
+            nu_dtype: Optional[Any] = None, fused: bool = True) -> optax.GradientTransformation:
   r"""Adam with *coupled* L2 decay, ``torch.optim.Adam(weight_decay=...)``.
 
   :math:`g \leftarrow g + wd\cdot p` enters the moments, so the decay is divided by
   :math:`\sqrt{v}` and large-gradient weights are barely decayed: the reason for AdamW
-  (Loshchilov & Hutter, 2019). Here for comparison. ``options``: ``amsgrad``, ``mu_dtype``,
-  ``nu_dtype``, ``fused``, as for ``adamw``.
+  (Loshchilov & Hutter, 2019). Here for comparison. The keywords as for ``adamw``.
   """
-  return _adam_family("adam_l2", learning_rate, b1, b2, eps, weight_decay=weight_decay,
-                      mask=mask, coupled=True, **options)
+  return _adam_family("adam_l2", coupled=True, **locals())
 
 
 def adamw(
@@ -219,9 +221,7 @@ def adamw(
   ``fused=True`` (default) ``jaxopt_llm.optim.update_and_apply`` runs it as one ordered pass
   per leaf, bitwise equal (see ``jaxopt_llm/optim/fused.py``).
   """
-  return _adam_family("adamw", learning_rate, b1, b2, eps, weight_decay=weight_decay,
-                      mask=mask, coupled=False, amsgrad=amsgrad, mu_dtype=mu_dtype,
-                      nu_dtype=nu_dtype, fused=fused)
+  return _adam_family("adamw", coupled=False, **locals())
 
 
 def lion(
