@@ -235,7 +235,7 @@ def train_state_shardings(state: Any, plan: ShardingPlan) -> Any:
   """Shardings for a whole train state: ``plan``'s for its params and opt_state, else replicated.
 
   ``state`` is any container with ``params`` and ``opt_state`` fields: a NamedTuple (e.g.
-  ``jaxopt_llm.train.loop.TrainState``), a ``flax.struct`` dataclass (Flax's
+  ``jaxopt_llm.train.step.TrainState``), a ``flax.struct`` dataclass (Flax's
   ``TrainState``), or a dict. Every other leaf (step counters, PRNG keys, loss statistics)
   is replicated. Use as ``jax.jit(step, in_shardings=(sh, plan.batch), out_shardings=(sh,
   plan.replicated), donate_argnums=0)`` with ``sh = train_state_shardings(state, plan)``.
