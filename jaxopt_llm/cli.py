@@ -131,6 +131,13 @@ def _train_fields() -> list[str]:
   return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+def _add_run_args(p: argparse.ArgumentParser, fields, *, out: str) -> None:
+  """What ``train`` and ``compare`` share: the config flags, ``--no-progress``, ``--out``."""
+  _add_config_args(p, fields)
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--out", default=out, help="output directory (default %(default)s)")
+
+
 def _build_parser(command: Optional[str]) -> argparse.ArgumentParser:
   """The parser; only ``command``'s arguments are set up (their imports cost seconds)."""
   parser = _Parser(prog="jaxopt-llm", description="Train the tiny GPT, compare optimizers, "
@@ -145,12 +152,9 @@ def _build_parser(command: Optional[str]) -> argparse.ArgumentParser:
     t.description = ("Train a tiny GPT (Flax NNX) on the embedded corpus (CPython's help() "
                      "text, byte-level). Writes metrics.jsonl, loss_curve.png and "
                      "checkpoints/ to --out and prints val loss against the unigram entropy.")
-    _add_config_args(t, _train_fields())
+    _add_run_args(t, _train_fields(), out=os.path.join("runs", "train"))
     t.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--out", default=os.path.join("runs", "train"),
-                   help="output directory (default %(default)s)")
   elif command == "compare":
     c = parsers["compare"]
     c.description = ("Train one model per optimizer (each with its recipe's lr and weight "
@@ -159,10 +163,8 @@ def _build_parser(command: Optional[str]) -> argparse.ArgumentParser:
     c.add_argument("--optimizers", default="adamw,lion,sophia",
                    help="comma-separated optimizer recipes (default %(default)s)")
     c.add_argument("--lrs", default=None, help="peak lr overrides, e.g. adamw=1e-2,lion=3e-3")
-    _add_config_args(c, [f for f in _train_fields() if f not in _NOT_COMPARE])
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    c.add_argument("--out", default=os.path.join("runs", "compare"),
-                   help="output directory (default %(default)s)")
+    _add_run_args(c, [f for f in _train_fields() if f not in _NOT_COMPARE],
+                  out=os.path.join("runs", "compare"))
   elif command == "schedule":
     from jaxopt_llm.train.optimizers import SCHEDULES
     s = parsers["schedule"]
