@@ -31,11 +31,12 @@ class Targets(NamedTuple):
   bad: jax.Array        # bool [...], True where a counted label is outside [0, V).
 
 
-def is_static_zero(x: Any) -> bool:
+def is_concrete_zero(x: Any) -> bool:
   """True for a concrete 0 (e.g. a Python ``0.0``): its term can be left out of the graph.
 
   Leaving it out, rather than multiplying by 0, keeps an overflowing term (``lse**2`` of
-  huge logits) from turning into ``0 * inf = NaN``.
+  huge logits) from turning into ``0 * inf = NaN``. (``optim.numerics.is_static_zero`` is
+  stricter, Python numbers only, so that an optimizer's chain has one structure.)
   """
   return is_concrete(x) and float(x) == 0.0
 
@@ -185,7 +186,7 @@ def token_loss(logits: jax.Array, log_p: jax.Array, lse: jax.Array, valid: jax.A
 
   (``eps = label_smoothing``; torch's label smoothing plus PaLM's z-loss), 0 where the
   token does not count. ``log_p`` is :func:`label_log_probs`' output; ``None`` for a
-  term leaves it out of the graph (see :func:`is_static_zero`).
+  term leaves it out of the graph (see :func:`is_concrete_zero`).
   """
   loss = -log_p
   if label_smoothing is not None:

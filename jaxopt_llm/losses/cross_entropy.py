@@ -13,7 +13,7 @@ import jax
 
 from jaxopt_llm._validation import check_choice, check_real
 from jaxopt_llm.losses._common import (
-    REDUCTIONS, is_static_zero, reduce_masked, sequence_targets, token_log_probs,
+    REDUCTIONS, is_concrete_zero, reduce_masked, sequence_targets, token_log_probs,
     token_loss, validated_targets)
 
 
@@ -30,8 +30,8 @@ def _cross_entropy(owner: str, labels_name: str, logits: Any, labels: Any, *,
   log_p, lse = token_log_probs(t)
   loss = token_loss(
       t.logits, log_p, lse, t.valid,
-      label_smoothing=None if is_static_zero(label_smoothing) else label_smoothing,
-      z_loss=None if is_static_zero(z_loss) else z_loss)
+      label_smoothing=None if is_concrete_zero(label_smoothing) else label_smoothing,
+      z_loss=None if is_concrete_zero(z_loss) else z_loss)
   return reduce_masked(loss, t.valid, reduction)
 
 

@@ -27,7 +27,7 @@ from jax import lax
 from jaxopt_llm._shard_map import as_varying, tree_varying_axes, varying_axes
 from jaxopt_llm._validation import check_choice, check_int, check_real
 from jaxopt_llm.losses._common import (
-    REDUCTIONS, check_floating, is_static_zero, label_log_probs, token_loss,
+    REDUCTIONS, check_floating, is_concrete_zero, label_log_probs, token_loss,
     validated_labels)
 
 # Default chunk: the most tokens whose float32 [C, V] logits block fits in a byte budget,
@@ -447,8 +447,8 @@ def fused_linear_cross_entropy(
 
   st = _Static(
       chunk=chunk, reduction=reduction,
-      smoothing=not is_static_zero(label_smoothing),
-      zloss=not is_static_zero(z_loss),
+      smoothing=not is_concrete_zero(label_smoothing),
+      zloss=not is_concrete_zero(z_loss),
       softcap=logit_soft_cap is not None, vocab_block=min(vocab_block, vocab))
   hyper = _Hyper(jnp.asarray(label_smoothing, jnp.float32), jnp.asarray(z_loss, jnp.float32),
                  jnp.asarray(1.0 if logit_soft_cap is None else logit_soft_cap, jnp.float32))
