@@ -20,10 +20,16 @@ def is_concrete(x: Any) -> bool:
   return True
 
 
-def _scalar(x: Any) -> float | None:
+def _scalar(owner: str, name: str, x: Any) -> float | None:
   if not is_concrete(x):
     return None
+  if isinstance(x, (str, bytes)) or x is None:
+    # np.asarray("0.1") would parse, so a string typed where a number belongs is refused
+    # here rather than silently accepted or failing later with a TypeError naming nothing.
+    raise TypeError(f"{owner}: `{name}` must be a number, got {type(x).__name__} {x!r}")
   arr = np.asarray(x)
+  if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+    raise TypeError(f"{owner}: `{name}` must be a number, got {type(x).__name__} {x!r}")
   if arr.ndim != 0:
     return None
   return float(arr)
@@ -36,7 +42,7 @@ def check_real(owner: str, name: str, value: Any, *, lo: float | None = None,
 
   Also rejects NaN/inf. Non-concrete values (tracers, schedules, arrays) are skipped.
   """
-  v = _scalar(value)
+  v = _scalar(owner, name, value)
   if v is None:
     return
   lo_txt = "(" if lo_open else "["

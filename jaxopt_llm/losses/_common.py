@@ -41,6 +41,17 @@ def is_concrete_zero(x: Any) -> bool:
   return is_concrete(x) and float(x) == 0.0
 
 
+def compute_dtype(*arrays: Any) -> jnp.dtype:
+  """The dtype a loss computes in: at least float32, float64 when any input is float64.
+
+  bf16/fp16 inputs are upcast (their rounding would swamp small losses); float64 inputs under
+  ``jax_enable_x64`` keep float64, so "float32 whatever the input" never means a downcast.
+  """
+  dtypes = [jnp.asarray(a).dtype for a in arrays if a is not None]
+  dtypes = [d for d in dtypes if jnp.issubdtype(d, jnp.floating)]
+  return jnp.result_type(jnp.float32, *dtypes)
+
+
 def check_floating(owner: str, name: str, x: jax.Array, min_ndim: int = 1) -> None:
   """Raises ValueError unless ``x`` is a floating array with at least ``min_ndim`` axes."""
   if not jnp.issubdtype(x.dtype, jnp.floating):
