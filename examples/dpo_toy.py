@@ -5,7 +5,9 @@
    (t-1, t-2, ...) from the last prompt token, half and half. It learns both, so a
    greedy continuation counts up about half of the time. This model is the reference.
 2. DPO: starting from the reference, pairs (chosen = counting up, rejected = counting
-   down) train the policy with ``losses.dpo_loss`` on ``losses.sequence_log_probs``.
+   down) train the policy with ``losses.dpo_loss`` (TRL 1.16's DPO loss) on the per-token
+   log-probs and completion masks of ``losses.per_token_log_probs``, so every TRL 1.16 loss
+   type works, the length-normalised ones (``ipo``, ``sigmoid_norm``) and ``sft`` included.
 
 Printed every few steps on held-out pairs: the DPO loss, the reward accuracy (how often
 the implicit reward beta * log(pi / ref) ranks the chosen response above the rejected
@@ -13,6 +15,7 @@ one; 0 at step 0, where policy == reference and every reward is 0), the reward m
 and how often the policy's greedy continuation counts up. Runs in a few seconds on CPU.
 
     python examples/dpo_toy.py [--steps 100] [--beta 0.1] [--loss-type sigmoid]
+                               [--label-smoothing 0.0]
 """
 from __future__ import annotations
 
@@ -76,6 +79,11 @@ def logps(params, ids):
   return losses.sequence_log_probs(forward(params, ids), response_labels(ids), shift=True)
 
 
+def token_logps(params, ids):
+  """Per-token log-probs of the response and its mask, ``[N, T - 1]`` each."""
+  return losses.per_token_log_probs(forward(params, ids), response_labels(ids), shift=True)
+
+
 def greedy_counts_up(params, prompts):
   ids = prompts
   for _ in range(RESPONSE):
@@ -113,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
   parser.add_argument("--lr", type=float, default=1e-3)
   parser.add_argument("--loss-type", default="sigmoid",
                       choices=losses.preference.LOSS_TYPES)
+  parser.add_argument("--label-smoothing", type=float, default=0.0,
+                      help="robust, exo_pair (needs > 0), aot, aot_unpaired")
   parser.add_argument("--eval-every", type=int, default=20)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
@@ -125,10 +135,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
 
   def dpo(params, reference, chosen, rejected):
     # The reference is frozen: its log-probs carry no gradient.
-    ref_c, ref_r = jax.lax.stop_gradient((logps(reference, chosen),
-                                          logps(reference, rejected)))
-    return losses.dpo_loss(logps(params, chosen), logps(params, rejected), ref_c, ref_r,
-                           beta=args.beta, loss_type=args.loss_type)
+    (ref_c, _), (ref_r, _) = jax.lax.stop_gradient((token_logps(reference, chosen),
+                                                    token_logps(reference, rejected)))
+    (pol_c, mask_c), (pol_r, mask_r) = token_logps(params, chosen), token_logps(params,
+                                                                                rejected)
+    return losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, chosen_mask=mask_c,
+                           rejected_mask=mask_r, beta=args.beta, loss_type=args.loss_type,
+                           label_smoothing=args.label_smoothing)
 
   @jax.jit
   def step(params, state, reference, chosen, rejected):
@@ -156,8 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
   for t in range(args.steps + 1):
     if t % args.eval_every == 0 or t == args.steps:
       loss, metrics, up = evaluate(params, reference, eval_up, eval_down)
-      row = (t, float(loss), float(metrics["reward_accuracy"]),
-             float(metrics["reward_margin"]), float(up))
+      row = (t, float(loss), float(metrics["rewards/accuracies"]),
+             float(metrics["rewards/margins"]), float(up))
       for name, value in zip(history, row):
         history[name].append(value)
       print(f"{row[0]:5d} {row[1]:8.4f} {row[2]:10.1%} {row[3]:8.3f} {row[4]:9.0%}")
