@@ -16,6 +16,9 @@ LambdaLR lambdas, multiplied by the peak learning rate) and PyTorch's
 * Negative steps are clamped to 0.
 * Hyperparameters are concrete Python/NumPy scalars, validated when the schedule is built;
   a bad one raises ``ValueError`` naming the argument.
+* Each schedule records its phase boundaries (end of warmup, start and end of decay) as a
+  ``milestones`` tuple attribute: the optimizers' build-time check of a schedule
+  (``jaxopt_llm._validation.check_schedule``) evaluates it around those steps too.
 * The step is converted to float32 before any arithmetic, so ``step + offset`` never
   overflows int32 (steps up to 2**24 are represented exactly; larger steps are rounded to
   the nearest float32, which is far below the resolution of any schedule).
@@ -81,17 +84,38 @@ def _real(owner: str, name: str, value: Any, **bounds: Any) -> float:
   return float(arr)
 
 
+def _with_milestones(schedule: Schedule, *steps: int) -> Schedule:
+  """``schedule`` with its phase boundaries recorded as ``schedule.milestones``."""
+  schedule.milestones = tuple(sorted({int(s) for s in steps}))
+  return schedule
+
+
 def _steps(owner: str, name: str, value: Any, lo: int) -> int:
   check_int(owner, name, value, lo=lo)
   return int(value)
 
 
+def _check_step(step: Any) -> None:
+  """A schedule's step must be a real number or array (int, float or bool): a string (which
+  ``jnp.asarray(..., float32)`` would parse), None or a complex step is a TypeError naming
+  ``step``."""
+  dtype = getattr(step, "dtype", None)
+  ok = (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+        or jnp.issubdtype(dtype, jnp.bool_)) if dtype is not None else (
+            isinstance(step, (int, float, np.integer, np.floating, np.bool_))
+            and not isinstance(step, complex))
+  if not ok:
+    raise TypeError(f"schedule: `step` must be a real number or array (the optimizer step), "
+                    f"got {type(step).__name__} {step!r}")
+
+
 def _float_step(step: Any) -> jax.Array:
-  """The step as float32, clamped to >= 0.
+  """The step as float32, clamped to >= 0 (``_check_step`` first).
 
   Converting before any arithmetic keeps ``step + timescale`` etc. out of int32 (which would
   wrap for steps near 2**31), and makes ``step / warmup_steps`` true division.
   """
+  _check_step(step)
   return jnp.maximum(jnp.asarray(step, dtype=jnp.float32), 0.0)
 
 
@@ -211,7 +235,7 @@ def _decay_schedule(peak: float, low: float, warmup: int, total: int,
     rem = _remaining(t, total, total - warmup)
     return _linear_warmup(t, peak, warmup, _interp(low, peak, rem, factor(rem)))
 
-  return schedule
+  return _with_milestones(schedule, warmup, total)
 
 
 def _warmup_then_decay(owner: str, peak_lr: Any, warmup_steps: Any, total_steps: Any,
@@ -340,7 +364,7 @@ def constant_with_warmup(peak_lr: float, warmup_steps: int) -> Schedule:
     t = _float_step(step)
     return _linear_warmup(t, peak, warmup, jnp.full_like(t, peak))
 
-  return schedule
+  return _with_milestones(schedule, warmup)
 
 
 def inverse_sqrt(peak_lr: float, warmup_steps: int, timescale: int | None = None) -> Schedule:
@@ -385,7 +409,7 @@ def inverse_sqrt(peak_lr: float, warmup_steps: int, timescale: int | None = None
     decayed = jnp.where(since <= 0.0, _f32(peak), decayed)
     return _linear_warmup(t, peak, warmup, decayed)
 
-  return schedule
+  return _with_milestones(schedule, warmup)
 
 
 def wsd(peak_lr: float, warmup_steps: int, stable_steps: int, decay_steps: int,
@@ -453,7 +477,7 @@ def wsd(peak_lr: float, warmup_steps: int, stable_steps: int, decay_steps: int,
     # In the stable phase rem == 1, so _interp gives exactly peak.
     return _linear_warmup(t, peak, warmup, _interp(low, peak, rem, factor))
 
-  return schedule
+  return _with_milestones(schedule, warmup, start, end)
 
 
 # ----------------------------------------------------------------------------------------
@@ -490,7 +514,7 @@ def step_decay(lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
     n = _num_periods(step, size)
     return _f32(base) * _gamma_power(log_gamma, n)
 
-  return schedule
+  return _with_milestones(schedule, size)
 
 
 def _num_periods(step: Any, size: int) -> jax.Array:
@@ -498,6 +522,7 @@ def _num_periods(step: Any, size: int) -> jax.Array:
 
   Dispatches on the step's type/dtype, which is static under jit, never on its value.
   """
+  _check_step(step)
   if isinstance(step, (int, np.integer)) and not isinstance(step, bool):
     return jnp.float32(max(int(step), 0) // size)
   if isinstance(step, np.ndarray) and np.issubdtype(step.dtype, np.integer):
@@ -545,7 +570,7 @@ def exponential_lr(lr: float, gamma: float) -> Schedule:
   def schedule(step: Any) -> jax.Array:
     return _f32(base) * _gamma_power(log_gamma, _float_step(step))
 
-  return schedule
+  return _with_milestones(schedule)
 
 
 def cosine_annealing(lr: float, T_max: int, eta_min: float = 0.0) -> Schedule:  # noqa: N803

@@ -701,3 +701,30 @@ def test_valid_edge_arguments_accepted():
   assert float(S.inverse_sqrt(1.0, 0)(30_000)) == pytest.approx(0.5, rel=1e-6)
   assert float(S.wsd(1.0, 0, 5, 0)(4)) == 1.0
   assert float(S.wsd(1.0, 0, 5, 0)(5)) == 0.0
+
+
+# ----------------------------------------------------------------------------------------
+# Hardening (issue 14): the step's type, milestones for the optimizers' build-time check.
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ALL_SCHEDULES))
+@pytest.mark.parametrize("step", ["5", None, 1 + 1j, np.asarray(["5"])])
+def test_a_step_that_is_not_a_real_number_is_a_type_error(name, step):
+  """Before: ``"5"`` was parsed by jnp.asarray(step, float32) (a silent lr), None and complex
+  steps crashed inside JAX or dropped the imaginary part."""
+  with pytest.raises(TypeError, match="schedule: `step`"):
+    ALL_SCHEDULES[name](step)
+
+
+def test_complex_step_under_jit_is_refused():
+  with pytest.raises(TypeError, match="`step`"):
+    jax.jit(S.exponential_lr(1e-3, 0.9))(jnp.asarray(1 + 1j))
+
+
+def test_milestones_are_the_phase_boundaries():
+  assert S.warmup_cosine(1e-3, 10, 100).milestones == (10, 100)
+  assert S.wsd(1e-3, 10, 20, 30).milestones == (10, 30, 60)
+  assert S.constant_with_warmup(1e-3, 7).milestones == (7,)
+  assert S.step_decay(1e-3, 25).milestones == (25,)
+  assert S.cosine_annealing(1e-3, 40).milestones == (0, 40)

@@ -9,7 +9,8 @@ Where each piece lives:
 * ``fused``: ``update_and_apply``, the copy-free whole step, calling the same per-leaf
   formulas in one ordered pass; ``state_bytes``.
 * ``hessian``: Sophia's Hessian-diagonal estimators, ``update_every_k`` and monitors.
-* ``numerics``: arithmetic shared by all of them (dtype policy, EMA, saturating storage).
+* ``numerics``: arithmetic shared by all of them (dtype policy, EMA, saturating storage,
+  and the one rule for integer/bool parameter leaves: never changed, no state).
 * ``guards``: ``skip_spikes``, a wrapper that skips an update on a non-finite or spiking loss.
 """
 from jaxopt_llm.optim.aliases import (
@@ -48,6 +49,7 @@ from jaxopt_llm.optim.hessian import (
     hutchinson,
     is_estimate_step,
     sophia_hessian_norm,
+    sophia_hessian_rejected,
     sophia_win_rate,
     update_every_k,
 )
@@ -63,7 +65,7 @@ __all__ = [
     # Sophia
     "sophia", "scale_by_sophia", "ScaleBySophiaState", "hessian", "gauss_newton_bartlett",
     "hutchinson", "update_every_k", "is_estimate_step", "sophia_win_rate",
-    "sophia_hessian_norm",
+    "sophia_hessian_norm", "sophia_hessian_rejected",
     # guards
     "guards", "skip_spikes", "SkipSpikesState",
 ]

@@ -13,7 +13,13 @@ positional argument is ``eps_root``; ``adagrad``'s: optax's second is
 optax's 1e-4) and eps sits where PyTorch puts it.
 
 Every ``learning_rate`` and ``weight_decay`` accepts a float or an optax schedule
-``step -> value``. Decoupled weight decay (AdamW, Lion, Sophia) is multiplied by the current
+``step -> value``. A schedule given as a Python callable is checked when the optimizer is
+built: it is evaluated at steps 0, 1, 2, 3, 5, 10, 20, 50, ..., 10**6, 10**7 and around its
+``milestones`` (``jaxopt_llm.schedules`` records the end of each warmup and decay there),
+and a NaN, infinite or negative value raises a ValueError naming the argument and the step
+(``jaxopt_llm._validation.check_schedule``). A schedule that cannot be evaluated eagerly
+(rare: it raises on a Python int and on an int32 scalar) is left unchecked, and whatever
+it raises surfaces at the first ``update``. Decoupled weight decay (AdamW, Lion, Sophia) is multiplied by the current
 learning rate, as in PyTorch: ``p <- p - lr_t * (u_t + wd * p)``. Coupled (L2) decay (SGD,
 Adagrad, RMSprop, ``adam_l2``) is added to the gradient before the statistics:
 ``g <- g + wd * p``.
@@ -26,6 +32,14 @@ callables as schedules otherwise).
 ``fused=True`` (the default of ``adamw``, ``adam``, ``adam_l2``, ``lion``, ``sophia``)
 registers the copy-free one-pass step of ``fused.py`` for ``optim.update_and_apply``; the
 returned transformation is the same chain either way.
+
+Rules every optimizer here follows (the torch twins added later too, by building on
+``_named`` and the ``scale_by_*`` blocks): every hyperparameter is checked when the optimizer
+is built, with a TypeError or ValueError naming it (a string, a bool where a number belongs,
+a callable where no schedule is allowed, a non-float ``*_dtype``, a non-bool flag, a mask
+that is not bools); integer and bool parameter leaves are never changed (no state, an exact
+0 update: see ``jaxopt_llm.optim.numerics``); ``update`` without ``params`` raises the
+"requires params" ValueError wherever params are needed.
 """
 from __future__ import annotations
 
@@ -34,10 +48,10 @@ from typing import Any, Callable, Optional, Union
 import jax
 import optax
 
-from jaxopt_llm._validation import check_real
+from jaxopt_llm._validation import check_bool, check_choice, check_scalar, check_schedule
 from jaxopt_llm.optim import fused as fused_steps
 from jaxopt_llm.optim import transforms
-from jaxopt_llm.optim.numerics import is_static_zero
+from jaxopt_llm.optim.numerics import check_real_leaves, is_static_zero
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
@@ -52,6 +66,46 @@ def weight_decay_mask(params: optax.Params) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def _check_mask_tree(owner: str, tree: Any, what: str) -> None:
+  for leaf in jax.tree.leaves(tree):
+    dtype = getattr(leaf, "dtype", None)
+    if not (isinstance(leaf, bool) or (dtype is not None and dtype == bool)):
+      raise TypeError(f"{owner}: `mask` must be None, a callable params -> pytree of bools, or "
+                      f"a pytree of bools; {what} a leaf {type(leaf).__name__} {leaf!r}")
+
+
+def _check_mask(owner: str, mask: MaskOrFn) -> MaskOrFn:
+  """None, a pytree (prefix) of bools, or a callable ``params -> such a pytree``, which is
+  returned wrapped so that what it returns is checked when the optimizer calls it (a
+  callable returning, say, a float would otherwise decay every leaf, silently)."""
+  if mask is None:
+    return None
+  if not callable(mask):
+    _check_mask_tree(owner, mask, "got")
+    return mask
+
+  def checked(tree):
+    out = mask(tree)
+    _check_mask_tree(owner, out, f"the callable returned {out!r}, with")
+    return out
+
+  return checked
+
+
+def _check_state(owner: str, n_links: int, update: Callable) -> Callable:
+  """``update`` of a chain of ``n_links`` links, refusing a state that is not such a chain's
+  (None, another optimizer's state) with a TypeError naming ``state``."""
+
+  def checked(updates, state, params=None, **extra_args):
+    if not isinstance(state, tuple) or hasattr(state, "_fields") or len(state) != n_links:
+      raise TypeError(f"{owner}: `state` must be the state this optimizer's init(params) "
+                      f"returned (a tuple of {n_links} link states), got "
+                      f"{type(state).__name__}")
+    return update(updates, state, params, **extra_args)
+
+  return checked
+
+
 def _named(owner: str, direction: Optional[optax.GradientTransformation],
            learning_rate: ScalarOrSchedule, weight_decay: ScalarOrSchedule, mask: MaskOrFn, *,
            decay_first: bool, whole_step: Optional[Callable] = None
@@ -59,22 +113,36 @@ def _named(owner: str, direction: Optional[optax.GradientTransformation],
   """``chain(decay, direction, lr)`` (coupled: ``decay_first``) or ``chain(direction, decay,
   lr)``; the decay link is left out when ``weight_decay`` is a literal 0 (a pass saved).
 
-  ``whole_step(layout)`` builds the one-pass step registered for ``update_and_apply``.
+  ``whole_step(layout, mask)`` builds the one-pass step registered for ``update_and_apply``
+  (``mask`` as checked here). The returned transformation's ``update`` refuses a state that
+  is not this chain's with a TypeError naming ``state``.
+  Checks the learning rate and weight decay (numbers or schedules, ``check_schedule``) and the
+  mask. The decay and lr links are ``transforms.add_decayed_weights`` and
+  ``transforms.scale_by_learning_rate``: optax's, with an exact 0 update for non-float
+  parameters.
   """
-  check_real(owner, "learning_rate", learning_rate, lo=0.0)
-  check_real(owner, "weight_decay", weight_decay, lo=0.0)
+  check_schedule(owner, "learning_rate", learning_rate, lo=0.0)
+  check_schedule(owner, "weight_decay", weight_decay, lo=0.0)
+  mask = _check_mask(owner, mask)
   has_decay = not is_static_zero(weight_decay)
-  decay = [optax.add_decayed_weights(weight_decay, mask)] if has_decay else []
+  decay = [transforms.add_decayed_weights(weight_decay, mask)] if has_decay else []
   head = [] if direction is None else [direction]
   parts = [*decay, *head] if decay_first else [*head, *decay]
-  tx = optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
+  chain = optax.chain(*parts, transforms.scale_by_learning_rate(learning_rate))
+
+  def init(params):
+    check_real_leaves(params)
+    return chain.init(params)
+
+  tx = optax.GradientTransformationExtraArgs(
+      init, _check_state(owner, len(parts) + 1, chain.update))
   if whole_step is None:
     return tx
   layout = fused_steps.ChainLayout(
       direction=parts.index(direction),
       decay=parts.index(decay[0]) if has_decay else None,
       learning_rate=len(parts))
-  return fused_steps.register_whole_step(tx, whole_step(layout))
+  return fused_steps.register_whole_step(tx, whole_step(layout, mask))
 
 
 def sgd(
@@ -85,19 +153,26 @@ def sgd(
     nesterov: bool = False,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: MaskOrFn = None,
+    buffer_init: str = "grad",
 ) -> optax.GradientTransformation:
   r"""torch.optim.SGD: :math:`p \leftarrow p - lr\cdot u` with ``scale_by_momentum``'s buffer.
 
   ``momentum=0`` (the default) is plain SGD and keeps no state. Weight decay is coupled (L2).
   ``learning_rate`` and ``momentum`` are positional as in ``optax.sgd`` (whose buffer starts
   at zero; torch's, here, at the first gradient); the rest is keyword-only (optax's third
-  positional argument is ``nesterov``).
+  positional argument is ``nesterov``). ``buffer_init``: see ``scale_by_momentum`` (it only
+  matters with ``dampening > 0``).
   """
-  check_real("sgd", "momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
+  owner = "sgd"
+  check_scalar(owner, "momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
+  check_scalar(owner, "dampening", dampening, lo=0.0, hi=1.0)
+  check_bool(owner, "nesterov", nesterov)
+  check_choice(owner, "buffer_init", buffer_init, ("grad", "zero"))
   direction = None
   if not is_static_zero(momentum) or nesterov:
-    direction = transforms.scale_by_momentum(momentum, dampening=dampening, nesterov=nesterov)
-  return _named("sgd", direction, learning_rate, weight_decay, mask, decay_first=True)
+    direction = transforms.scale_by_momentum(momentum, dampening=dampening, nesterov=nesterov,
+                                             buffer_init=buffer_init)
+  return _named(owner, direction, learning_rate, weight_decay, mask, decay_first=True)
 
 
 def momentum(
@@ -106,15 +181,37 @@ def momentum(
     *,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: MaskOrFn = None,
+    buffer_init: str = "grad",
 ) -> optax.GradientTransformation:
-  r"""Momentum in EMA form: :math:`v \leftarrow \beta v + (1-\beta) g,\ p \leftarrow p - lr\,v`.
+  r"""Momentum in EMA form, :math:`p \leftarrow p - lr\,v_t`, with the buffer :math:`v_t`:
 
-  Equals ``torch.optim.SGD(momentum=beta, dampening=beta)``; as there, ``v`` starts at
-  the first gradient. Unlike the heavy-ball form (``sgd(momentum=...)``) the step size does
-  not grow by ``1 / (1 - beta)``. (optax has no ``momentum`` alias.)
+  * ``buffer_init="grad"`` (default, PyTorch's ``SGD(momentum=beta, dampening=beta)``):
+
+    .. math::
+      v_1 = g_1,\qquad v_t = \beta v_{t-1} + (1-\beta) g_t \quad (t > 1)
+
+    so the first step is plain SGD, :math:`-lr\,g_1`.
+  * ``buffer_init="zero"`` (the form most course notes write):
+
+    .. math::
+      v_0 = 0,\qquad v_t = \beta v_{t-1} + (1-\beta) g_t \quad (t \ge 1)
+
+    so the first step is :math:`-lr(1-\beta) g_1`, ``1 / (1 - beta)`` times smaller (10x for
+    beta = 0.9), and :math:`v_t` is biased towards 0 for the first ~``1 / (1 - beta)`` steps
+    (no bias correction, unlike Adam's first moment).
+
+  Unlike the heavy-ball form (``sgd(momentum=...)``) the step size does not grow by
+  ``1 / (1 - beta)``. (optax has no ``momentum`` alias; ``optax.sgd(lr, momentum=beta)`` is
+  the heavy-ball form with a zero buffer.)
   """
-  check_real("momentum", "beta", beta, lo=0.0, hi=1.0, hi_open=True)
-  return sgd(learning_rate, beta, dampening=beta, weight_decay=weight_decay, mask=mask)
+  owner = "momentum"
+  check_scalar(owner, "beta", beta, lo=0.0, hi=1.0, hi_open=True)
+  check_choice(owner, "buffer_init", buffer_init, ("grad", "zero"))
+  check_schedule(owner, "learning_rate", learning_rate, lo=0.0)
+  check_schedule(owner, "weight_decay", weight_decay, lo=0.0)
+  _check_mask(owner, mask)  # (sgd wraps a callable mask)
+  return sgd(learning_rate, beta, dampening=beta, weight_decay=weight_decay, mask=mask,
+             buffer_init=buffer_init)
 
 
 def adagrad(
@@ -150,6 +247,7 @@ def rmsprop(
   Keyword-only after ``learning_rate``: ``optax.rmsprop(learning_rate, decay, eps,
   initial_scale, ...)`` orders differently (and puts eps inside the root by default).
   """
+  check_bool("rmsprop", "centered", centered)
   direction = transforms.scale_by_rmsprop(alpha, eps, centered=centered, momentum=momentum)
   return _named("rmsprop", direction, learning_rate, weight_decay, mask, decay_first=True)
 
@@ -162,9 +260,11 @@ def _adam_family(owner: str, *, learning_rate, b1, b2, eps, weight_decay, mask, 
   ``adam``, ``adam_l2`` and ``adamw`` pass their own arguments on as ``**locals()`` (their
   first statement): an argument added to one of them and not here fails loudly.
   """
+  check_bool(owner, "fused", fused)
+  check_bool(owner, "amsgrad", amsgrad)
   direction = transforms.scale_by_adam(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype,
                                        nu_dtype=nu_dtype)
-  whole_step = (lambda layout: fused_steps.adam_step(
+  whole_step = (lambda layout, mask: fused_steps.adam_step(
       layout, learning_rate, weight_decay, mask, coupled=coupled, b1=b1, b2=b2, eps=eps,
       amsgrad=amsgrad, mu_dtype=mu_dtype, nu_dtype=nu_dtype)) if fused else None
   return _named(owner, direction, learning_rate, weight_decay, mask, decay_first=coupled,
@@ -245,8 +345,9 @@ def lion(
   decay is 0 (optax.lion's 1e-3); keyword-only, as optax.lion's fourth positional argument
   is ``mu_dtype``. ``fused=True``: ``update_and_apply`` runs one ordered pass per leaf.
   """
+  check_bool("lion", "fused", fused)
   direction = transforms.scale_by_lion(b1, b2, mu_dtype=mu_dtype)
-  whole_step = (lambda layout: fused_steps.lion_step(
+  whole_step = (lambda layout, mask: fused_steps.lion_step(
       layout, learning_rate, weight_decay, mask, b1=b1, b2=b2, mu_dtype=mu_dtype)
   ) if fused else None
   return _named("lion", direction, learning_rate, weight_decay, mask, decay_first=False,
@@ -288,9 +389,10 @@ def sophia(
   clipped; the paper keeps it around 0.1-0.5 by tuning ``rho``) and
   ``sophia_hessian_norm(state)``.
   """
+  check_bool("sophia", "fused", fused)
   direction = transforms.scale_by_sophia(b1, b2, rho=rho, eps=eps, mu_dtype=mu_dtype,
                                          nu_dtype=nu_dtype)
-  whole_step = (lambda layout: fused_steps.sophia_step(
+  whole_step = (lambda layout, mask: fused_steps.sophia_step(
       layout, learning_rate, weight_decay, mask, b1=b1, b2=b2, rho=rho, eps=eps,
       mu_dtype=mu_dtype)) if fused else None
   return _named("sophia", direction, learning_rate, weight_decay, mask, decay_first=False,

@@ -52,8 +52,15 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jaxopt_llm._validation import check_bool
 from jaxopt_llm.optim import transforms
-from jaxopt_llm.optim.numerics import fraction_true, store
+from jaxopt_llm.optim.numerics import (
+    fraction_true,
+    is_frozen,
+    match_leaves,
+    require_params,
+    store,
+)
 
 __all__ = ["ChainLayout", "register_whole_step", "adam_step", "lion_step", "sophia_step",
            "update_and_apply", "is_fused", "state_bytes"]
@@ -128,12 +135,14 @@ def _lr_scale(learning_rate: Any, count: Optional[jax.Array]) -> Callable:
 
 def _per_leaf(layout: ChainLayout, learning_rate: Any, weight_decay: Any, mask: Any,
               grads: Any, state: tuple, params: Any, state_trees: Sequence[Any],
-              leaf: Callable) -> tuple:
+              leaf: Callable, frozen: Optional[Callable] = None) -> tuple:
   """Runs ``leaf(g, wd, scale, p, *state_leaves)`` on every leaf of ``grads``.
 
   ``wd`` is this step's weight decay for a decayed leaf, else None; ``scale`` the lr link's
   arithmetic. Returns ``(treedef, outputs per leaf, chain state with the decay and lr links
-  advanced)``.
+  advanced)``. A non-float parameter leaf (its state is ``optax.MaskedNode``, see
+  ``numerics``) is not stepped: its output is ``frozen(p, *state_leaves)``, by default
+  ``(p, *state_leaves)`` (the parameter and its empty state, unchanged).
   """
   new_state = list(state)
   wd = None
@@ -146,10 +155,31 @@ def _per_leaf(layout: ChainLayout, learning_rate: Any, weight_decay: Any, mask: 
   treedef = jax.tree.structure(grads)
   n = treedef.num_leaves
   flags = _decay_flags(mask, grads, treedef) if wd is not None else [False] * n
-  cols = [[None] * n if t is None else treedef.flatten_up_to(t) for t in (params, *state_trees)]
-  outs = [leaf(g, wd if on else None, scale, *rest)
-          for g, on, *rest in zip(treedef.flatten_up_to(grads), flags, *cols)]
+  cols = [[None] * n if t is None else match_leaves(
+      "update_and_apply", "grads", grads, what, t)[1]
+          for what, t in zip(("params", *["optimizer state (from init)"] * len(state_trees)),
+                             (params, *state_trees))]
+  frozen = frozen or (lambda p, *st: (p, *st))
+
+  def one(g, on, p, *st):
+    if is_frozen(p) or any(isinstance(x, optax.MaskedNode) for x in st):
+      return frozen(p, *st)
+    return leaf(g, wd if on else None, scale, p, *st)
+
+  outs = [one(*args) for args in zip(treedef.flatten_up_to(grads), flags, *cols)]
   return treedef, outs, new_state
+
+
+def _direction_state(state: Any, layout: ChainLayout, state_type: type) -> Any:
+  """``state[layout.direction]``, after checking ``state`` is the chain's state (a TypeError
+  naming ``state`` for None or another optimizer's state)."""
+  n = layout.learning_rate + 1
+  if (not isinstance(state, tuple) or hasattr(state, "_fields") or len(state) != n
+      or not isinstance(state[layout.direction], state_type)):
+    raise TypeError(f"update_and_apply: `state` must be the state this optimizer's "
+                    f"init(params) returned (a tuple of {n} link states), got "
+                    f"{type(state).__name__}")
+  return state[layout.direction]
 
 
 def _apply(p: jax.Array, u: jax.Array) -> jax.Array:
@@ -215,7 +245,7 @@ def adam_step(layout: ChainLayout, learning_rate: Any, weight_decay: Any, mask: 
 
   def step(grads, state, params, **extra_args):
     del extra_args
-    adam = state[layout.direction]
+    adam = _direction_state(state, layout, transforms.ScaleByAdamState)
     count = optax.safe_increment(adam.count)
 
     def leaf(g, wd, scale, p, m, v, vm):
@@ -252,7 +282,7 @@ def lion_step(layout: ChainLayout, learning_rate: Any, weight_decay: Any, mask: 
 
   def step(grads, state, params, **extra_args):
     del extra_args
-    lion = state[layout.direction]
+    lion = _direction_state(state, layout, transforms.ScaleByLionState)
 
     def leaf(g, wd, scale, p, m):
       formula = lambda old: transforms.lion_leaf(g, *old, b1=b1, b2=b2)
@@ -280,7 +310,7 @@ def sophia_step(layout: ChainLayout, learning_rate: Any, weight_decay: Any, mask
 
   def step(grads, state, params, hessian=None, **extra_args):
     del extra_args
-    so = state[layout.direction]
+    so = _direction_state(state, layout, transforms.ScaleBySophiaState)
 
     def leaf(g, wd, scale, p, m, h):
       formula = lambda old: transforms.sophia_leaf(g, *old, b1=b1, rho=rho, eps=eps)
@@ -289,19 +319,23 @@ def sophia_step(layout: ChainLayout, learning_rate: Any, weight_decay: Any, mask
         d = d + wd * p
       return _apply(p, scale(d)), m1, kept, formula, m, h
 
+    def frozen(p, m, h):  # a non-float parameter: unchanged, no state, not in the win rate
+      return p, m, None, None, m, h
+
     treedef, outs, new_state = _per_leaf(layout, learning_rate, weight_decay, mask, grads,
-                                         state, params, (so.mu, so.hessian), leaf)
-    win_rate = fraction_true([o[2] for o in outs])
-    mu = [store_after([p1, win_rate], m1, mu_dtype or m.dtype, lambda o, f=f: f(o)[1], (m, h))
+                                         state, params, (so.mu, so.hessian), leaf, frozen)
+    win_rate = fraction_true([o[2] for o in outs if o[2] is not None])
+    mu = [m1 if f is None else
+          store_after([p1, win_rate], m1, mu_dtype or m.dtype, lambda o, f=f: f(o)[1], (m, h))
           for p1, m1, _, f, m, h in outs]
-    h_new, h_count = so.hessian, so.hessian_count
+    h_new = so.hessian
     if hessian is not None:
-      gated = treedef.unflatten([gate([o[0], win_rate], o[5]) for o in outs])
-      h_new = transforms.fold_hessian(gated, hessian, b2)
-      h_count = optax.safe_increment(h_count)
+      h_new = treedef.unflatten([o[5] if o[3] is None else gate([o[0], win_rate], o[5])
+                                 for o in outs])
+    h_new, h_count, h_rejected = transforms.fold_counted(so, hessian, b2, h_new)
     new_state[layout.direction] = transforms.ScaleBySophiaState(
         count=optax.safe_increment(so.count), mu=treedef.unflatten(mu), hessian=h_new,
-        hessian_count=h_count, win_rate=win_rate)
+        hessian_count=h_count, hessian_rejected=h_rejected, win_rate=win_rate)
     return _column(treedef, outs, 0), tuple(new_state)
 
   return step
@@ -352,6 +386,9 @@ def update_and_apply(
   ordering reads one element of each new parameter array (a tiny transfer); pass
   ``ordered=False`` to skip it.
   """
+  require_params("update_and_apply", params)
+  if ordered is not None:
+    check_bool("update_and_apply", "ordered", ordered)
   if ordered is None:
     ordered = jax.default_backend() == "cpu"
   step = _STEPS.get(getattr(tx, "update", None)) if ordered else None

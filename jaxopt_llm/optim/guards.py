@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt_llm._validation import check_int, check_real
+from jaxopt_llm._validation import check_int, check_scalar
+from jaxopt_llm.optim.numerics import all_finite
 
 __all__ = ["SkipSpikesState", "skip_spikes", "spike_threshold", "all_finite"]
 
@@ -64,14 +65,6 @@ def spike_threshold(state: SkipSpikesState, k: float, min_history: int) -> jax.A
   return jnp.where(armed, mean + k * jnp.sqrt(var), jnp.inf)
 
 
-def all_finite(tree: Any) -> jax.Array:
-  """True when every entry of every leaf is finite (``x * 0`` is 0 unless x is NaN/inf)."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.asarray(True)
-  return jnp.isfinite(sum(jnp.sum(jnp.asarray(x, jnp.float32) * 0.0) for x in leaves))
-
-
 def skip_spikes(inner: optax.GradientTransformation, *, k: float = 6.0, window: int = 64,
                 min_history: int = 16, max_consecutive_skips: int = 25
                 ) -> optax.GradientTransformationExtraArgs:
@@ -89,7 +82,10 @@ def skip_spikes(inner: optax.GradientTransformation, *, k: float = 6.0, window: 
     the step's scalar loss.
   """
   owner = "skip_spikes"
-  check_real(owner, "k", k, lo=0.0)
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(f"{owner}: `inner` must be an optax GradientTransformation, got "
+                    f"{type(inner).__name__} {inner!r}")
+  check_scalar(owner, "k", k, lo=0.0)
   check_int(owner, "window", window, lo=1)
   check_int(owner, "min_history", min_history, lo=0)
   check_int(owner, "max_consecutive_skips", max_consecutive_skips, lo=0)
@@ -104,8 +100,23 @@ def skip_spikes(inner: optax.GradientTransformation, *, k: float = 6.0, window: 
     if loss is None:
       raise ValueError(f"{owner}: update needs the step's loss: tx.update(grads, state, "
                        "params, loss=loss)")
-    loss = jnp.asarray(loss, jnp.float32)
-    finite = jnp.isfinite(loss) & all_finite(updates)
+    if not hasattr(loss, "dtype") and not isinstance(loss, (int, float)) or isinstance(
+        loss, bool):
+      raise TypeError(f"{owner}: `loss` must be a real scalar, got {type(loss).__name__} "
+                      f"{loss!r}")
+    dtype = jnp.result_type(loss)
+    if jnp.ndim(loss) != 0 or not (jnp.issubdtype(dtype, jnp.floating)
+                                   or jnp.issubdtype(dtype, jnp.integer)):
+      raise ValueError(f"{owner}: `loss` must be a real scalar, got shape {jnp.shape(loss)} "
+                       f"dtype {dtype}")
+    for leaf in jax.tree.leaves(updates):
+      if not hasattr(leaf, "dtype") and not isinstance(leaf, (int, float)):
+        raise TypeError(f"{owner}: every `updates` leaf must be an array, got "
+                        f"{type(leaf).__name__} {leaf!r}")
+    finite = all_finite(loss) & all_finite(updates)
+    # A finite float64 loss beyond the float32 range is kept finite in the float32 window.
+    f32_max = float(jnp.finfo(jnp.float32).max)
+    loss = jnp.asarray(jnp.clip(loss, -f32_max, f32_max), jnp.float32)
     spike = finite & (loss > spike_threshold(state, k, min_history)) & (
         state.consecutive < max_consecutive_skips)
     accept = finite & ~spike

@@ -53,7 +53,8 @@ For a Flax ``nnx.Optimizer`` the same branch is an ``nnx.cond`` inside ``nnx.jit
            optimizer, model)
 
 Monitoring: ``sophia_win_rate(opt_state)`` (fraction of coordinates not clipped in the last
-update) and ``sophia_hessian_norm(opt_state)`` find the Sophia state anywhere in an optax
+update), ``sophia_hessian_norm(opt_state)`` and ``sophia_hessian_rejected(opt_state)`` (the
+number of non-finite estimates refused so far) find the Sophia state anywhere in an optax
 state (chain, ``inject_hyperparams``, ``masked``, ``MultiSteps``, an ``nnx.Optimizer``'s
 ``opt_state``).
 """
@@ -63,11 +64,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxopt_llm._shard_map import as_varying
-from jaxopt_llm._validation import check_choice, check_int, check_real
-from jaxopt_llm.optim.numerics import F32, upcast
+from jaxopt_llm._validation import check_choice, check_int, check_scalar
+from jaxopt_llm.optim.numerics import F32, is_frozen, upcast
 from jaxopt_llm.optim.transforms import ScaleBySophiaState
 
 AxisName = Optional[Union[str, Sequence[str]]]
@@ -127,11 +129,12 @@ def gauss_newton_bartlett(
 
   Returns:
     A pytree like ``params`` (float32, or wider) of estimates >= 0. All tokens masked out
-    gives zeros (not NaN).
+    gives zeros (not NaN). A non-float (integer, bool) parameter leaf gets float32 zeros:
+    it is not differentiated, and ``sophia`` keeps no curvature for it.
   """
   owner = "gauss_newton_bartlett"
   if clip_norm is not None:
-    check_real(owner, "clip_norm", clip_norm, lo=0.0, lo_open=True)
+    check_scalar(owner, "clip_norm", clip_norm, lo=0.0, lo_open=True)
   if not callable(logits_fn):
     raise ValueError(f"{owner}: `logits_fn` must be callable params -> logits, got "
                      f"{type(logits_fn).__name__}")
@@ -149,6 +152,9 @@ def gauss_newton_bartlett(
   if where is None:
     mask = jnp.ones(z.shape[:-1], z.dtype)
   else:
+    if not hasattr(where, "dtype") and not isinstance(where, (list, tuple, bool, int)):
+      raise ValueError(f"{owner}: `where` must be a boolean (or integer 0/1) array, got "
+                       f"{type(where).__name__} {where!r}")
     where = jnp.asarray(where)
     if not (where.dtype == jnp.bool_ or jnp.issubdtype(where.dtype, jnp.integer)):
       raise ValueError(f"{owner}: `where` must be a boolean (or integer 0/1) array, got dtype "
@@ -170,6 +176,8 @@ def gauss_newton_bartlett(
   cotangent = (jax.nn.softmax(z, axis=-1)
                - jax.nn.one_hot(labels, z.shape[-1], dtype=z.dtype)) * scale[..., None]
   (grads,) = vjp_fn(cotangent.astype(logits.dtype))
+  # A non-float parameter has a float0 cotangent: a float32 zero estimate, out of the norm.
+  grads = jax.tree.map(lambda g: jnp.zeros(jnp.shape(g), F32) if is_frozen(g) else g, grads)
   if axis is not None:
     grads = jax.lax.psum(grads, axis)
   if clip_norm is not None:
@@ -209,7 +217,8 @@ def hutchinson(
       ``gauss_newton_bartlett``).
 
   Returns:
-    A pytree like ``params`` (float32, or wider).
+    A pytree like ``params`` (float32, or wider). A non-float (integer, bool) parameter
+    leaf is not probed: its estimate is float32 zeros.
   """
   owner = "hutchinson"
   check_choice(owner, "distribution", distribution, _DISTRIBUTIONS)
@@ -218,22 +227,30 @@ def hutchinson(
                      f"{type(loss_fn).__name__}")
   leaves, treedef = jax.tree.flatten(params)
   for leaf in leaves:
-    if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-      raise ValueError(f"{owner}: every `params` leaf must be a floating array, got dtype "
+    if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.complexfloating):
+      raise ValueError(f"{owner}: every `params` leaf must be real, got dtype "
                        f"{jnp.asarray(leaf).dtype}")
-  keys = jax.random.split(key, max(len(leaves), 1))
-  if distribution == "rademacher":
-    probes = [jax.random.rademacher(k, jnp.shape(p), jnp.asarray(p).dtype)
-              for k, p in zip(keys, leaves)]
-  else:
-    probes = [jax.random.normal(k, jnp.shape(p), jnp.asarray(p).dtype)
-              for k, p in zip(keys, leaves)]
+  sample = jax.random.rademacher if distribution == "rademacher" else jax.random.normal
+  # A non-float leaf gets the float0 tangent JAX requires for it (no probe, no estimate);
+  # the keys go to the float leaves only, so an integer leaf does not change the probes.
+  trainable = [p for p in leaves if not is_frozen(p)]
+  keys = iter(jax.random.split(key, max(len(trainable), 1)))
+  probes = [np.zeros(jnp.shape(p), jax.dtypes.float0) if is_frozen(p)
+            else sample(next(keys), jnp.shape(p), jnp.asarray(p).dtype) for p in leaves]
   u = jax.tree.unflatten(treedef, probes)
   axis = _axis(axis_name)
   if axis is not None:
-    params, u = as_varying(params, axis), as_varying(u, axis)
-  _, hu = jax.jvp(jax.grad(loss_fn), (params,), (u,))
-  est = jax.tree.map(lambda a, b: upcast(a) * upcast(b), u, hu)
+    params = as_varying(params, axis)
+    u = jax.tree.map(lambda x: x if is_frozen(x) else as_varying(x, axis), u)
+  out = jax.eval_shape(loss_fn, params)
+  if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype,
+                                                                       jnp.floating):
+    raise ValueError(f"{owner}: `loss_fn` must return a floating scalar, got "
+                     f"{getattr(out, 'shape', type(out).__name__)} "
+                     f"{getattr(out, 'dtype', '')}".rstrip())
+  _, hu = jax.jvp(jax.grad(loss_fn, allow_int=True), (params,), (u,))
+  est = jax.tree.map(lambda a, b: jnp.zeros(jnp.shape(a), F32) if is_frozen(a)
+                     else upcast(a) * upcast(b), u, hu)
   if axis is not None:
     est = jax.lax.pmean(est, axis)
   return est
@@ -353,7 +370,9 @@ def sophia_win_rate(opt_state: Any) -> jax.Array:
 def sophia_hessian_norm(opt_state: Any) -> jax.Array:
   """Global L2 norm of the Hessian EMA ``h`` of every Sophia state inside ``opt_state``.
 
-  0 before the first estimate; NaN/inf here means a non-finite estimate was folded in.
+  0 before the first estimate. Non-finite estimates are refused (``h`` unchanged, see
+  ``sophia_hessian_rejected``), so this stays finite unless the finite estimates themselves
+  overflow the storage dtype.
 
   Raises:
     ValueError: when ``opt_state`` holds no ``ScaleBySophiaState``.
@@ -363,7 +382,25 @@ def sophia_hessian_norm(opt_state: Any) -> jax.Array:
   return optax.tree.norm(leaves).astype(F32)
 
 
+def sophia_hessian_rejected(opt_state: Any) -> jax.Array:
+  """How many Hessian estimates were refused for a NaN or an infinity (int32, summed over
+  every Sophia state inside ``opt_state``; each refusal left ``h`` unchanged).
+
+  Anything but 0 means the estimator overflowed or the model produced non-finite logits on
+  an estimate step: worth a look even though the optimizer carried on.
+
+  Raises:
+    ValueError: when ``opt_state`` holds no ``ScaleBySophiaState``.
+  """
+  states = _require_states("sophia_hessian_rejected", opt_state)
+  total = jnp.zeros([], jnp.int32)
+  for s in states:
+    (n,) = jax.tree.leaves(s.hessian_rejected)  # also unwraps an nnx OptState variable
+    total = total + jnp.asarray(n, jnp.int32)
+  return total
+
+
 __all__ = [
     "gauss_newton_bartlett", "hutchinson", "update_every_k", "is_estimate_step",
-    "sophia_win_rate", "sophia_hessian_norm",
+    "sophia_win_rate", "sophia_hessian_norm", "sophia_hessian_rejected",
 ]

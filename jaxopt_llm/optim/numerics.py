@@ -5,6 +5,19 @@ in float32 (or wider when the input is wider) and only *stored* in a narrower dt
 (``mu_dtype`` / ``nu_dtype``), with ``store`` saturating instead of overflowing. The
 exponential moving average ``ema`` is the one moment update of Adam (both moments), Lion
 (both interpolations) and Sophia (momentum and Hessian EMA).
+
+Non-float parameters (integer or bool leaves: step counters, token ids, masks kept in the
+params tree) are *frozen*, the one rule for every optimizer, in one place:
+
+* ``zeros_like`` / ``full_like`` (every ``init``) give them no state: ``optax.MaskedNode``,
+  as ``optax.masked`` does for masked-out leaves (zero bytes, checkpoint-safe);
+* ``map_leaves`` (every ``update``) passes them through: direction 0, state untouched;
+* ``scale_by_learning_rate`` (the last link of every named optimizer) and the fused steps
+  (``update_and_apply``) return an exact 0 update in the parameter's dtype for them, so
+  ``optax.apply_updates`` leaves them bit for bit unchanged even after weight decay.
+
+Complex parameters are refused (``init`` raises naming the leaf): the moments here are
+written for real numbers (``g**2``, not ``|g|**2``).
 """
 from __future__ import annotations
 
@@ -29,9 +42,126 @@ def upcast(x: jax.Array) -> jax.Array:
   return x.astype(compute_dtype(x))
 
 
+NO_PARAMS = ("requires the current value of the parameters (weight decay, or the whole step "
+             "of update_and_apply), but `params` is None: call update(updates, state, params)")
+
+
+def require_params(owner: str, params: Any) -> None:
+  """The "requires params" ValueError (optax's chain gives the same) when ``params`` is None."""
+  if params is None:
+    raise ValueError(f"{owner}: {NO_PARAMS}")
+
+
+def leaf_dtype(x: Any) -> Any:
+  """The dtype of a leaf: an array's, or the one ``jnp.asarray`` would give a Python number."""
+  dtype = getattr(x, "dtype", None)
+  return jnp.result_type(x) if dtype is None else dtype
+
+
+def is_frozen(x: Any) -> bool:
+  """True for a leaf that is not floating point (int, bool, ``float0``): never updated."""
+  return not jnp.issubdtype(leaf_dtype(x), jnp.inexact)
+
+
+def check_real_leaves(params: optax.Params) -> None:
+  """A TypeError naming the first complex parameter leaf (the optimizers are real)."""
+  for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if jnp.issubdtype(leaf_dtype(p), jnp.complexfloating):
+      raise TypeError(
+          f"jaxopt_llm.optim: parameter {jax.tree_util.keystr(path) or 'leaf'} is complex "
+          f"({leaf_dtype(p)}); the optimizers here are written for real parameters")
+
+
+def full_like(params: optax.Params, value: Any, dtype: Optional[Any]) -> optax.Updates:
+  """``value`` shaped like each float leaf of ``params``, in ``dtype`` or else the leaf's
+  compute dtype; ``optax.MaskedNode()`` (no state) for a non-float leaf."""
+  check_real_leaves(params)
+  return jax.tree.map(
+      lambda p: optax.MaskedNode() if is_frozen(p)
+      else jnp.full(jnp.shape(p), value, dtype=dtype or compute_dtype(jnp.asarray(p))), params)
+
+
 def zeros_like(params: optax.Params, dtype: Optional[Any]) -> optax.Updates:
-  """Zeros shaped like ``params``, in ``dtype`` or else each leaf's compute dtype."""
-  return jax.tree.map(lambda p: jnp.zeros(p.shape, dtype=dtype or compute_dtype(p)), params)
+  """Zeros shaped like ``params``, in ``dtype`` or else each leaf's compute dtype;
+  ``optax.MaskedNode()`` (no state) for a non-float leaf (see the module docstring)."""
+  return full_like(params, 0, dtype)
+
+
+def frozen_update(x: Any) -> jax.Array:
+  """The update of a frozen leaf: exact zeros in its dtype (bool for a ``float0`` leaf),
+  which ``optax.apply_updates`` adds without changing a bit."""
+  dtype = leaf_dtype(x)
+  if dtype == jax.dtypes.float0:
+    dtype = jnp.bool_
+  return jnp.zeros(jnp.shape(x), dtype)
+
+
+def freeze_non_float(updates: optax.Updates, params: Optional[optax.Params]) -> optax.Updates:
+  """``updates`` with an exact zero (``frozen_update``) for every leaf whose parameter (or,
+  without params, whose update) is not floating point; float leaves are returned as they
+  are (no op). A ``None`` update leaf stays None."""
+  like = updates if params is None else params
+  return jax.tree.map(
+      lambda u, p: u if u is None or not is_frozen(p) else frozen_update(p),
+      updates, like, is_leaf=lambda x: x is None)
+
+
+def _shape_of(x: Any) -> Optional[tuple]:
+  return None if isinstance(x, optax.MaskedNode) or x is None else tuple(jnp.shape(x))
+
+
+def _leaf_path(treedef: Any, i: int) -> str:
+  paths = jax.tree_util.tree_flatten_with_path(treedef.unflatten(range(treedef.num_leaves)))[0]
+  return jax.tree_util.keystr(paths[i][0]) or "(root)"
+
+
+def match_leaves(owner: str, name: str, tree: Any, like_name: str, like: Any) -> tuple:
+  """``(leaves of tree, leaves of like flattened up to tree's structure)``, checked: a
+  ValueError naming ``name`` when the structures differ or a leaf's shape differs from its
+  counterpart in ``like`` (instead of JAX's structure error, a broadcasting error, or, worse,
+  a silent broadcast in the arithmetic). ``like`` leaves may be ``MaskedNode``/None."""
+  treedef = jax.tree.structure(tree)
+  try:
+    like_leaves = treedef.flatten_up_to(like)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{owner}: `{name}` must have the structure of the {like_name}: got "
+                     f"{treedef}, the {like_name} has {jax.tree.structure(like)}") from e
+  leaves = treedef.flatten_up_to(tree)
+  for i, (a, b) in enumerate(zip(leaves, like_leaves)):
+    sa, sb = _shape_of(a), _shape_of(b)
+    if sa is not None and sb is not None and sa != sb:
+      raise ValueError(f"{owner}: `{name}` leaf {_leaf_path(treedef, i)} has shape {sa}, but "
+                       f"the {like_name} leaf has shape {sb}")
+  return leaves, like_leaves
+
+
+def check_updates_like(owner: str, updates: Any, params: Any) -> None:
+  """``updates`` and ``params`` have one structure and per-leaf shapes (ValueError naming
+  the first difference); nothing to check when ``params`` is None."""
+  if params is not None:
+    match_leaves(owner, "updates", updates, "params", params)
+
+
+def check_state(owner: str, state: Any, state_type: type) -> None:
+  """A TypeError naming ``state`` unless it is ``state_type`` (what ``init`` returned):
+  instead of an AttributeError on None or another transformation's state."""
+  if not isinstance(state, state_type):
+    raise TypeError(f"{owner}: `state` must be the {state_type.__name__} that "
+                    f"{owner}(...).init(params) returned, got {type(state).__name__}")
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True when every entry of every floating leaf of ``tree`` is finite (NaN/inf: False).
+
+  Tested in each leaf's own dtype (a float64 1e300 is finite; cast to float32 it would not
+  be). Integer and bool leaves are always finite; no leaves: True.
+  """
+  ok = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(leaf_dtype(x), jnp.inexact)]
+  out = jnp.asarray(True)
+  for o in ok:
+    out = out & o
+  return out
 
 
 def ema(average: jax.Array, x: jax.Array, decay: Any) -> jax.Array:
@@ -72,16 +202,19 @@ def store_tree(tree: optax.Updates, dtype: Optional[Any], like: optax.Updates, *
 
 
 def safe_div(num: jax.Array, den: jax.Array, eps: Any) -> jax.Array:
-  """``num / den``, with 0 where ``den == 0`` unless ``eps`` is a Python number > 0.
+  """``num / den`` for a denominator ``sqrt(second moment) + eps``, with 0 where ``den`` is
+  0 (possible only when eps is 0 or injected as an array) or ``+inf``.
 
-  Adam's denominator ``sqrt(v) + eps`` is 0 only when eps is 0 (or injected as an array) and
-  v is 0, i.e. for an all-zero gradient history, whose step is 0 (not 0/0 = NaN as in
-  torch.optim.Adam(eps=0)). With a literal eps > 0 this is a plain division. NaN stays NaN.
+  ``den == 0``: an all-zero gradient history, whose step is 0 (not 0/0 = NaN as in
+  torch.optim.Adam(eps=0), RMSprop(eps=0), Adagrad(eps=0)). ``den == inf``: the second
+  moment overflowed (g**2 > float32 max, i.e. |g| > 1.8e19): the step is 0, as
+  ``finite / inf`` gives in torch.optim, also when the bias-corrected numerator overflowed
+  too (inf / inf would be NaN). Elsewhere it is the plain division, bit for bit. NaN stays
+  NaN.
   """
-  if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0:
-    return num / den
-  zero = den == 0
-  return jnp.where(zero, jnp.zeros_like(num), num / jnp.where(zero, 1.0, den))
+  q = num / den if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0 \
+      else num / jnp.where(den == 0, 1.0, den)
+  return jnp.where((den == 0) | (den == jnp.inf), jnp.zeros_like(q), q)
 
 
 def bias_correction(b: Any, count: jax.Array) -> jax.Array:
@@ -111,17 +244,33 @@ def is_static_zero(x: Any) -> bool:
 
 
 def map_leaves(fn: Callable[..., tuple], tree: Any, *others: Optional[Any],
-               n_outputs: int) -> tuple:
+               n_outputs: int, owner: str = "jaxopt_llm.optim") -> tuple:
   """``jax.tree.map`` for a ``fn`` returning a tuple: one output tree per tuple entry.
 
   ``others`` have ``tree``'s structure (or are ``None``: ``fn`` then gets ``None`` for them).
   Flattening against ``tree`` (rather than mapping to tuples and transposing) stays right
   when the params themselves are tuples.
+
+  A leaf whose state (any of ``others``) is ``optax.MaskedNode`` belongs to a non-float
+  parameter (see ``zeros_like``): ``fn`` is not called; its first output (the direction) is
+  ``frozen_update(leaf)`` and every other output ``MaskedNode`` (the state stays empty).
+
+  Raises ValueError (prefixed with ``owner``) when ``tree`` (the updates) and the state
+  differ in structure or in a leaf's shape (a state built by ``init`` for other params).
   """
   treedef = jax.tree.structure(tree)
   n = treedef.num_leaves
-  cols = [[None] * n if t is None else treedef.flatten_up_to(t) for t in others]
-  outs = [fn(*args) for args in zip(treedef.flatten_up_to(tree), *cols)]
+  leaves = treedef.flatten_up_to(tree)
+  cols = [[None] * n if t is None else
+          match_leaves(owner, "updates", tree, "optimizer state (from init)", t)[1]
+          for t in others]
+
+  def one(x, *state):
+    if any(isinstance(s, optax.MaskedNode) for s in state):
+      return (frozen_update(x), *[optax.MaskedNode()] * (n_outputs - 1))
+    return fn(x, *state)
+
+  outs = [one(*args) for args in zip(leaves, *cols)]
   return tuple(treedef.unflatten([o[i] for o in outs]) for i in range(n_outputs))
 
 

@@ -30,15 +30,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt_llm._validation import check_real
+from jaxopt_llm._validation import (
+    check_bool,
+    check_choice,
+    check_float_dtype,
+    check_scalar,
+)
 from jaxopt_llm.optim.numerics import (
     F32,
+    all_finite,
     bias_correction,
     compute_dtype,
     ema,
     fraction_true,
+    freeze_non_float,
+    full_like,
     is_static_zero,
+    check_state,
+    check_updates_like,
     map_leaves,
+    require_params,
     safe_div,
     store_tree,
     upcast,
@@ -47,9 +58,64 @@ from jaxopt_llm.optim.numerics import (
 
 
 def _check_decays(owner: str, **decays: Any) -> None:
-  """Every EMA decay (b1, b2, alpha, ...) must lie in [0, 1)."""
+  """Every EMA decay (b1, b2, alpha, ...) must be a number in [0, 1)."""
   for name, value in decays.items():
-    check_real(owner, name, value, lo=0.0, hi=1.0, hi_open=True)
+    check_scalar(owner, name, value, lo=0.0, hi=1.0, hi_open=True)
+
+
+def _check_dtypes(owner: str, **dtypes: Any) -> None:
+  """Every storage dtype (mu_dtype, nu_dtype) must be None or floating."""
+  for name, value in dtypes.items():
+    check_float_dtype(owner, name, value)
+
+
+def _check_flags(owner: str, **flags: Any) -> None:
+  for name, value in flags.items():
+    check_bool(owner, name, value)
+
+
+# --------------------------------------------------------------------------------------------
+# The weight-decay and learning-rate links
+
+
+def _skipping_non_float(owner: str, inner: optax.GradientTransformation
+                        ) -> optax.GradientTransformation:
+  """``inner`` (same state) that never sees nor returns anything but an exact 0 for a
+  non-float parameter leaf (``numerics.freeze_non_float`` before and after): an int leaf
+  is not decayed, a ``float0`` gradient (``jax.grad(..., allow_int=True)``) is not
+  multiplied. ``updates`` must match ``params`` leaf for leaf (a ValueError, not a silent
+  broadcast)."""
+
+  def update_fn(updates, state, params=None):
+    check_updates_like(owner, updates, params)
+    updates, state = inner.update(freeze_non_float(updates, params), state, params)
+    return freeze_non_float(updates, params), state
+
+  return optax.GradientTransformation(inner.init, update_fn)
+
+
+def scale_by_learning_rate(learning_rate: Any) -> optax.GradientTransformation:
+  """``optax.scale_by_learning_rate`` (same state, same arithmetic) whose update is an exact
+  0 for every non-float parameter leaf.
+
+  The last link of every named optimizer: whatever the links before it did to an integer
+  leaf, the integer parameter is left unchanged by ``optax.apply_updates``.
+  """
+  return _skipping_non_float("scale_by_learning_rate",
+                             optax.scale_by_learning_rate(learning_rate))
+
+
+def add_decayed_weights(weight_decay: Any, mask: Any = None) -> optax.GradientTransformation:
+  """``optax.add_decayed_weights`` (same state, same arithmetic: ``g + wd * p`` on the
+  leaves ``mask`` selects) that leaves non-float parameter leaves out. Needs ``params``:
+  without them, the "requires params" ValueError."""
+  inner = optax.add_decayed_weights(weight_decay, mask)
+
+  def update_fn(updates, state, params=None):
+    require_params("add_decayed_weights", params)
+    return _skipping_non_float("add_decayed_weights", inner).update(updates, state, params)
+
+  return optax.GradientTransformation(inner.init, update_fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +183,9 @@ def scale_by_adam(
   """
   owner = "scale_by_adam"
   _check_decays(owner, b1=b1, b2=b2)
-  check_real(owner, "eps", eps, lo=0.0)
+  check_scalar(owner, "eps", eps, lo=0.0)
+  _check_flags(owner, amsgrad=amsgrad)
+  _check_dtypes(owner, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
 
   def init_fn(params):
     return ScaleByAdamState(
@@ -127,11 +195,12 @@ def scale_by_adam(
         nu_max=zeros_like(params, nu_dtype) if amsgrad else None)
 
   def update_fn(updates, state, params=None):
+    check_state(owner, state, ScaleByAdamState)
     del params
     count = optax.safe_increment(state.count)
     direction, mu, nu, nu_max = map_leaves(
         lambda g, m, v, vm: adam_leaf(g, m, v, vm, count, b1=b1, b2=b2, eps=eps),
-        updates, state.mu, state.nu, state.nu_max, n_outputs=4)
+        updates, state.mu, state.nu, state.nu_max, n_outputs=4, owner=owner)
     return direction, ScaleByAdamState(
         count=count,
         mu=store_tree(mu, mu_dtype, state.mu),
@@ -184,15 +253,18 @@ def scale_by_lion(
     b2: decay of the momentum, in [0, 1).
     mu_dtype: storage dtype of the momentum (the arithmetic stays float32).
   """
-  _check_decays("scale_by_lion", b1=b1, b2=b2)
+  owner = "scale_by_lion"
+  _check_decays(owner, b1=b1, b2=b2)
+  _check_dtypes(owner, mu_dtype=mu_dtype)
 
   def init_fn(params):
     return ScaleByLionState(count=jnp.zeros([], jnp.int32), mu=zeros_like(params, mu_dtype))
 
   def update_fn(updates, state, params=None):
+    check_state(owner, state, ScaleByLionState)
     del params
     direction, mu = map_leaves(lambda g, m: lion_leaf(g, m, b1=b1, b2=b2), updates, state.mu,
-                               n_outputs=2)
+                               n_outputs=2, owner=owner)
     return direction, ScaleByLionState(
         count=optax.safe_increment(state.count), mu=store_tree(mu, mu_dtype, state.mu))
 
@@ -206,13 +278,15 @@ def scale_by_lion(
 class ScaleBySophiaState(NamedTuple):
   """State of ``scale_by_sophia``.
 
-  ``win_rate`` is written by every update for logging (see ``jaxopt_llm.optim.sophia_win_rate``
-  and ``sophia_hessian_norm``, which find this state anywhere inside a chain).
+  ``win_rate`` is written by every update for logging (see ``jaxopt_llm.optim.sophia_win_rate``,
+  ``sophia_hessian_norm`` and ``sophia_hessian_rejected``, which find this state anywhere
+  inside a chain).
   """
   count: chex.Array  # int32, number of updates applied so far
   mu: optax.Updates  # momentum m (EMA of gradients, no bias correction)
   hessian: optax.Updates  # h, EMA of the Hessian-diagonal estimates (stored in nu_dtype)
   hessian_count: chex.Array  # int32, number of estimates folded into h so far
+  hessian_rejected: chex.Array  # int32, number of non-finite estimates refused (h unchanged)
   win_rate: chex.Array  # float32, fraction of coordinates NOT clipped by the last update
 
 
@@ -238,36 +312,69 @@ def sophia_leaf(g: jax.Array, m: jax.Array, h: jax.Array, *, b1: Any, rho: Any,
   return (jnp.sign(m1) * ratio).astype(g.dtype), m1, kept
 
 
-def fold_hessian(hessian: optax.Updates, estimate: optax.Updates, b2: Any) -> optax.Updates:
-  r"""Sophia's Hessian EMA :math:`h' = b_2 h + (1-b_2)\hat H`, stored in ``h``'s dtype.
+def fold_hessian(hessian: optax.Updates, estimate: optax.Updates, b2: Any) -> tuple:
+  r"""Sophia's Hessian EMA :math:`h' = b_2 h + (1-b_2)\hat H`, stored in ``h``'s dtype:
+  ``(h', accepted)``.
 
   ``estimate`` is a pytree with the parameters' structure; leaves that are ``MaskedNode``
-  in ``hessian`` (inside ``optax.masked``, which does not mask extra arguments) are skipped.
+  in ``hessian`` (inside ``optax.masked``, which does not mask extra arguments, and for
+  non-float parameters) are skipped. An estimate with a NaN or an infinity in any (used)
+  entry is refused as a whole: ``h' = h`` and ``accepted`` (a bool scalar) is False. A
+  single non-finite estimate folded into the EMA would stay in it for ever (NaN) or freeze
+  every later step (inf); ``scale_by_sophia`` counts the refusals in its state.
 
   Raises:
-    ValueError: naming the expected structure or leaf shape when ``estimate`` differs.
+    ValueError: naming the expected structure, leaf shape or dtype when ``estimate`` differs.
   """
   owner = "scale_by_sophia"
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
 
-  def one(h, est):
-    if isinstance(h, optax.MaskedNode):
+  def check(h, est):
+    if is_masked(h):
       return h
+    if est is None or not hasattr(est, "shape") and not isinstance(est, (int, float)):
+      raise ValueError(f"{owner}: each `hessian` leaf must be an array, got "
+                       f"{type(est).__name__}")
     est = jnp.asarray(est)
     if est.shape != h.shape:
       raise ValueError(
           f"{owner}: each `hessian` leaf must have its parameter's shape {h.shape}, got "
           f"{est.shape}")
-    return ema(h, est.astype(compute_dtype(h)), b2).astype(h.dtype)
+    if not jnp.issubdtype(est.dtype, jnp.floating):
+      raise ValueError(f"{owner}: each `hessian` leaf must be a real floating array, got "
+                       f"dtype {est.dtype}")
+    return est
 
   try:
-    return jax.tree.map(one, hessian, estimate,
-                        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    estimate = jax.tree.map(check, hessian, estimate, is_leaf=is_masked)
   except (ValueError, TypeError) as e:
     if str(e).startswith(owner):
       raise
     raise ValueError(
         f"{owner}: `hessian` must be a pytree with the parameters' structure "
         f"({jax.tree.structure(hessian)}), got {jax.tree.structure(estimate)}") from e
+  accepted = all_finite(estimate)
+
+  def one(h, est):
+    if is_masked(h):
+      return h
+    return jnp.where(accepted, ema(h, est.astype(compute_dtype(h)), b2).astype(h.dtype), h)
+
+  return jax.tree.map(one, hessian, estimate, is_leaf=is_masked), accepted
+
+
+def fold_counted(state: ScaleBySophiaState, estimate: Optional[optax.Updates], b2: Any,
+                 hessian: Optional[optax.Updates] = None) -> tuple:
+  """``(h', hessian_count', hessian_rejected')`` after folding ``estimate`` (None: nothing
+  to fold) into ``hessian`` (default: ``state.hessian``); shared by ``scale_by_sophia`` and
+  the fused step."""
+  h = state.hessian if hessian is None else hessian
+  if estimate is None:
+    return h, state.hessian_count, state.hessian_rejected
+  h, accepted = fold_hessian(h, estimate, b2)
+  count, rejected = state.hessian_count, state.hessian_rejected
+  return (h, jnp.where(accepted, optax.safe_increment(count), count),
+          jnp.where(accepted, rejected, optax.safe_increment(rejected)))
 
 
 def scale_by_sophia(
@@ -310,9 +417,12 @@ def scale_by_sophia(
     ``max(gamma*h, eps)`` denominator gives and what the official ``SophiaH`` (Hutchinson)
     does with ``relu(hess)``. For ``h >= 0`` the rule equals the official SophiaG one.
     Every coordinate moves by at most ``lr`` (plus weight decay), whatever ``h`` holds; no
-    0/0 is evaluated, so no NaN is produced even with ``eps=0``. ``h = +inf`` freezes that
-    coordinate (the limit of the rule); a non-finite estimate stays visible in the stored
-    EMA, and so in ``sophia_hessian_norm``.
+    0/0 is evaluated, so no NaN is produced even with ``eps=0``.
+  * **A non-finite estimate is refused.** An estimate with a NaN or an infinity anywhere
+    leaves ``h`` unchanged (a NaN folded in would stay in the EMA for ever and silently turn
+    Sophia into sign momentum; an inf would freeze every later step) and is counted in
+    ``hessian_rejected`` (``sophia_hessian_rejected(state)``); ``hessian_count`` counts the
+    accepted ones. The official code folds it in.
   * **Before the first estimate** ``h = 0`` and the step is ``sign(m)`` (times ``lr``): sign
     momentum, like the official code, whose first estimate arrives after ``k`` steps.
 
@@ -332,8 +442,9 @@ def scale_by_sophia(
   """
   owner = "scale_by_sophia"
   _check_decays(owner, b1=b1, b2=b2)
-  check_real(owner, "rho", rho, lo=0.0)
-  check_real(owner, "eps", eps, lo=0.0)
+  check_scalar(owner, "rho", rho, lo=0.0)
+  check_scalar(owner, "eps", eps, lo=0.0)
+  _check_dtypes(owner, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
 
   def init_fn(params):
     return ScaleBySophiaState(
@@ -341,21 +452,22 @@ def scale_by_sophia(
         mu=zeros_like(params, mu_dtype),
         hessian=zeros_like(params, nu_dtype),
         hessian_count=jnp.zeros([], jnp.int32),
+        hessian_rejected=jnp.zeros([], jnp.int32),
         win_rate=jnp.zeros([], F32))
 
   def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
+    check_state(owner, state, ScaleBySophiaState)
     del params, extra_args
     direction, mu, kept = map_leaves(
         lambda g, m, h: sophia_leaf(g, m, h, b1=b1, rho=rho, eps=eps),
-        updates, state.mu, state.hessian, n_outputs=3)
-    h, hessian_count = state.hessian, state.hessian_count
-    if hessian is not None:
-      h, hessian_count = fold_hessian(h, hessian, b2), optax.safe_increment(hessian_count)
+        updates, state.mu, state.hessian, n_outputs=3, owner=owner)
+    h, hessian_count, rejected = fold_counted(state, hessian, b2)
     return direction, ScaleBySophiaState(
         count=optax.safe_increment(state.count),
         mu=store_tree(mu, mu_dtype, state.mu),
         hessian=h,
         hessian_count=hessian_count,
+        hessian_rejected=rejected,
         win_rate=fraction_true(jax.tree.leaves(kept)))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -371,15 +483,21 @@ class ScaleByMomentumState(NamedTuple):
   trace: optax.Updates
 
 
-def momentum_leaf(g: jax.Array, buf: jax.Array, first: jax.Array, *, momentum: Any,
+_BUFFER_INITS = ("grad", "zero")
+
+
+def momentum_leaf(g: jax.Array, buf: jax.Array, first: Optional[jax.Array], *, momentum: Any,
                   dampening: Any, nesterov: bool) -> tuple:
   r"""torch.optim.SGD's momentum on one leaf: ``(direction, b')``.
 
   :math:`b' = g` on the first step (``first``), else :math:`\mu b + (1-\tau) g`; the
-  direction is :math:`g + \mu b'` (nesterov) or :math:`b'`.
+  direction is :math:`g + \mu b'` (nesterov) or :math:`b'`. ``first=None`` (a buffer that
+  starts at zero): always :math:`\mu b + (1-\tau) g`.
   """
   g32 = upcast(g)
-  b1 = jnp.where(first, g32, momentum * upcast(buf) + (1.0 - dampening) * g32)
+  b1 = momentum * upcast(buf) + (1.0 - dampening) * g32
+  if first is not None:
+    b1 = jnp.where(first, g32, b1)
   return (g32 + momentum * b1 if nesterov else b1).astype(g.dtype), b1
 
 
@@ -389,6 +507,7 @@ def scale_by_momentum(
     dampening: float = 0.0,
     nesterov: bool = False,
     mu_dtype: Optional[Any] = None,
+    buffer_init: str = "grad",
 ) -> optax.GradientTransformation:
   r"""torch.optim.SGD's momentum buffer (``momentum_leaf``).
 
@@ -398,17 +517,24 @@ def scale_by_momentum(
 
   With ``dampening = momentum`` this is the EMA form :math:`b = \beta b + (1-\beta) g`.
   Like PyTorch (and unlike ``optax.trace``), the buffer starts at the first gradient, not at
-  zero, so the first step equals plain SGD.
+  zero, so the first step equals plain SGD (``buffer_init="grad"``). ``buffer_init="zero"``
+  starts it at :math:`b_0 = 0` and applies the recurrence from the first step,
+  :math:`b_1 = (1-\tau) g_1` (the course-notes EMA form; equal to "grad" when
+  ``dampening = 0``).
 
   Args:
     momentum: the factor :math:`\mu`, in [0, 1).
     dampening: :math:`\tau`, in [0, 1].
     nesterov: Nesterov momentum (requires momentum > 0 and dampening == 0, as PyTorch).
     mu_dtype: storage dtype of the buffer.
+    buffer_init: ``"grad"`` (PyTorch: :math:`b_1 = g_1`) or ``"zero"`` (:math:`b_0 = 0`).
   """
   owner = "scale_by_momentum"
   _check_decays(owner, momentum=momentum)
-  check_real(owner, "dampening", dampening, lo=0.0, hi=1.0)
+  check_scalar(owner, "dampening", dampening, lo=0.0, hi=1.0)
+  _check_flags(owner, nesterov=nesterov)
+  _check_dtypes(owner, mu_dtype=mu_dtype)
+  check_choice(owner, "buffer_init", buffer_init, _BUFFER_INITS)
   if nesterov and (is_static_zero(momentum) or not is_static_zero(dampening)):
     raise ValueError(
         f"{owner}: `nesterov` requires momentum > 0 and dampening == 0, got "
@@ -419,12 +545,13 @@ def scale_by_momentum(
         count=jnp.zeros([], jnp.int32), trace=zeros_like(params, mu_dtype))
 
   def update_fn(updates, state, params=None):
+    check_state(owner, state, ScaleByMomentumState)
     del params
-    first = state.count == 0
+    first = state.count == 0 if buffer_init == "grad" else None
     direction, trace = map_leaves(
         lambda g, b: momentum_leaf(g, b, first, momentum=momentum, dampening=dampening,
                                    nesterov=nesterov),
-        updates, state.trace, n_outputs=2)
+        updates, state.trace, n_outputs=2, owner=owner)
     return direction, ScaleByMomentumState(
         count=optax.safe_increment(state.count),
         trace=store_tree(trace, mu_dtype, state.trace))
@@ -445,10 +572,13 @@ class ScaleByAdagradState(NamedTuple):
 def adagrad_leaf(g: jax.Array, s: jax.Array, count: jax.Array, *, eps: Any,
                  lr_decay: Any) -> tuple:
   r"""torch.optim.Adagrad on one leaf at step ``count``: ``(direction, s')`` with
-  :math:`s' = s + g^2`, :math:`u = g / ((\sqrt{s'} + \epsilon)(1 + (t-1) d))`."""
+  :math:`s' = s + g^2`, :math:`u = g / ((\sqrt{s'} + \epsilon)(1 + (t-1) d))`.
+
+  With ``eps = 0`` an entry whose sum of squares is exactly 0 (zero gradients so far) steps
+  by 0, not 0/0 (``safe_div``)."""
   s1 = s + jnp.square(upcast(g))
   decay = 1.0 + (count.astype(F32) - 1.0) * lr_decay
-  return (upcast(g) / (jnp.sqrt(s1) + eps) / decay).astype(g.dtype), s1
+  return (safe_div(upcast(g), jnp.sqrt(s1) + eps, eps) / decay).astype(g.dtype), s1
 
 
 def scale_by_adagrad(
@@ -464,24 +594,25 @@ def scale_by_adagrad(
 
   with :math:`s_0` = ``initial_accumulator_value`` and :math:`d` = ``lr_decay``. PyTorch adds
   eps outside the square root (optax.scale_by_rss adds it inside and starts the sum at 0.1).
+  With ``eps = 0`` a zero-gradient step is exactly 0 (PyTorch: 0/0 = NaN).
   """
   owner = "scale_by_adagrad"
-  check_real(owner, "initial_accumulator_value", initial_accumulator_value, lo=0.0)
-  check_real(owner, "eps", eps, lo=0.0)
-  check_real(owner, "lr_decay", lr_decay, lo=0.0)
+  check_scalar(owner, "initial_accumulator_value", initial_accumulator_value, lo=0.0)
+  check_scalar(owner, "eps", eps, lo=0.0)
+  check_scalar(owner, "lr_decay", lr_decay, lo=0.0)
 
   def init_fn(params):
     return ScaleByAdagradState(
         count=jnp.zeros([], jnp.int32),
-        sum_of_squares=jax.tree.map(
-            lambda p: jnp.full(p.shape, initial_accumulator_value, compute_dtype(p)), params))
+        sum_of_squares=full_like(params, initial_accumulator_value, None))
 
   def update_fn(updates, state, params=None):
+    check_state(owner, state, ScaleByAdagradState)
     del params
     count = optax.safe_increment(state.count)
     direction, sum_of_squares = map_leaves(
         lambda g, s: adagrad_leaf(g, s, count, eps=eps, lr_decay=lr_decay),
-        updates, state.sum_of_squares, n_outputs=2)
+        updates, state.sum_of_squares, n_outputs=2, owner=owner)
     return direction, ScaleByAdagradState(count=count, sum_of_squares=sum_of_squares)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -504,7 +635,9 @@ def rmsprop_leaf(g: jax.Array, s: jax.Array, a: Optional[jax.Array], b: Optional
   r"""torch.optim.RMSprop on one leaf: ``(direction, s', gbar', b')``.
 
   ``a`` (the gradient average) is ``None`` unless centered, ``b`` (the momentum buffer)
-  ``None`` without momentum; their new values are then ``None`` too.
+  ``None`` without momentum; their new values are then ``None`` too. With ``eps = 0`` an
+  entry whose denominator is exactly 0 (zero gradients so far) steps by 0, not 0/0
+  (``safe_div``).
   """
   g32 = upcast(g)
   s1 = alpha * s + (1.0 - alpha) * jnp.square(g32)
@@ -514,8 +647,11 @@ def rmsprop_leaf(g: jax.Array, s: jax.Array, a: Optional[jax.Array], b: Optional
     # lerp form a + (1-alpha)(g - a), as torch: s - gbar**2 below cancels, so the way gbar
     # is rounded shows up in the result. max(., 0) only guards against rounding below zero.
     a1 = a + (1.0 - alpha) * (g32 - a)
-    den = jnp.sqrt(jnp.maximum(s1 - jnp.square(a1), 0.0)) + eps
-  u = g32 / den
+    # An overflowed s (inf, |g| > 1.8e19) stays inf (a zero step, as uncentered) rather than
+    # inf - inf = NaN.
+    var = jnp.where(s1 == jnp.inf, s1, s1 - jnp.square(a1))
+    den = jnp.sqrt(jnp.maximum(var, 0.0)) + eps
+  u = safe_div(g32, den, eps)
   b1 = None if b is None else momentum * b + u
   return (u if b1 is None else b1).astype(g.dtype), s1, a1, b1
 
@@ -535,11 +671,18 @@ def scale_by_rmsprop(
     + (1-\alpha) g_t)\ \text{else}\ \sqrt{s_t} + \epsilon \\
     u_t = b_t = \mu b_{t-1} + g_t / d_t \ \text{(momentum)}\quad\text{else}\quad u_t = g_t / d_t
 
-  eps is added outside the square root (optax.rmsprop adds it inside by default).
+  eps is added outside the square root (optax.rmsprop adds it inside by default). With
+  ``eps = 0`` a zero-gradient step is exactly 0 (PyTorch: 0/0 = NaN); ``centered=True``
+  needs ``eps > 0``: the centered variance :math:`s_t - \bar g_t^2` of a constant gradient
+  decays to 0 (and rounds to 0 or below), so the step would grow without bound.
   """
   owner = "scale_by_rmsprop"
   _check_decays(owner, alpha=alpha, momentum=momentum)
-  check_real(owner, "eps", eps, lo=0.0)
+  check_scalar(owner, "eps", eps, lo=0.0)
+  _check_flags(owner, centered=centered)
+  if centered and is_static_zero(eps):
+    raise ValueError(f"{owner}: `eps` must be > 0 with centered=True (the centered variance "
+                     f"of a constant gradient decays to 0), got {eps!r}")
   use_momentum = not is_static_zero(momentum)
 
   def init_fn(params):
@@ -551,10 +694,11 @@ def scale_by_rmsprop(
         momentum_buffer=zeros() if use_momentum else None)
 
   def update_fn(updates, state, params=None):
+    check_state(owner, state, ScaleByRmspropState)
     del params
     direction, square_avg, grad_avg, buf = map_leaves(
         lambda g, s, a, b: rmsprop_leaf(g, s, a, b, alpha=alpha, eps=eps, momentum=momentum),
-        updates, state.square_avg, state.grad_avg, state.momentum_buffer, n_outputs=4)
+        updates, state.square_avg, state.grad_avg, state.momentum_buffer, n_outputs=4, owner=owner)
     return direction, ScaleByRmspropState(
         count=optax.safe_increment(state.count), square_avg=square_avg,
         grad_avg=grad_avg if centered else None,

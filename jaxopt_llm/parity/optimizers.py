@@ -134,6 +134,9 @@ def cases() -> dict[str, ParityCase]:
       _torch_opt("SGD", lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1))
   c["momentum"] = ParityCase(
       lambda: optim.momentum(0.05), _torch_opt("SGD", lr=0.05, momentum=0.9, dampening=0.9))
+  c["momentum_buffer_init_grad"] = ParityCase(  # the default, spelled out
+      lambda: optim.momentum(0.05, buffer_init="grad"),
+      _torch_opt("SGD", lr=0.05, momentum=0.9, dampening=0.9))
   c["momentum_b0.95_wd0.1"] = ParityCase(
       lambda: optim.momentum(0.05, beta=0.95, weight_decay=0.1),
       _torch_opt("SGD", lr=0.05, momentum=0.95, dampening=0.95, weight_decay=0.1))

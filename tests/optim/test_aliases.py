@@ -621,3 +621,266 @@ def test_sophia_invalid_hyperparameters_raise_naming_the_argument(kwargs, arg):
   if arg not in ("learning_rate", "weight_decay"):
     with pytest.raises(ValueError, match=f"scale_by_sophia: `{arg}`"):
       optim.scale_by_sophia(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening (issue 14): params, non-float leaves, state dtypes, eps = 0, momentum's buffer
+
+
+NEEDS_PARAMS = {
+    "adamw": lambda: optim.adamw(1e-3), "adam_l2": lambda: optim.adam_l2(1e-3),
+    "lion": lambda: optim.lion(1e-3, weight_decay=0.1), "sophia": lambda: optim.sophia(1e-3),
+    "sgd": lambda: optim.sgd(0.1, weight_decay=0.1),
+    "adagrad": lambda: optim.adagrad(0.1, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_PARAMS))
+def test_update_without_params_is_the_requires_params_error(name):
+  tx = NEEDS_PARAMS[name]()
+  p = _params()
+  state = tx.init(p)
+  with pytest.raises(ValueError, match="requires the current value of"):
+    tx.update(p, state)
+  with pytest.raises(ValueError, match="update_and_apply: requires the current value of"):
+    optim.update_and_apply(tx, p, state, None)
+  with pytest.raises(ValueError, match="update_and_apply: requires the current value of"):
+    jax.jit(lambda g, s: optim.update_and_apply(tx, g, s, None))(p, state)
+
+
+def test_update_and_apply_without_params_even_without_decay():
+  tx = optim.adam(1e-3)
+  with pytest.raises(ValueError, match="requires"):
+    optim.update_and_apply(tx, _params(), tx.init(_params()), None)
+
+
+ALL = {
+    "adamw": lambda: optim.adamw(1e-2, weight_decay=0.5),
+    "adamw_amsgrad_bf16": lambda: optim.adamw(1e-2, weight_decay=0.5, amsgrad=True,
+                                              mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
+    "adam": lambda: optim.adam(1e-2),
+    "adam_l2": lambda: optim.adam_l2(1e-2, weight_decay=0.5),
+    "lion": lambda: optim.lion(1e-2, weight_decay=0.5),
+    "sophia": lambda: optim.sophia(1e-2, weight_decay=0.5),
+    "sgd": lambda: optim.sgd(0.1, weight_decay=0.5),
+    "sgd_nesterov": lambda: optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=0.5),
+    "momentum": lambda: optim.momentum(0.1, weight_decay=0.5, buffer_init="zero"),
+    "adagrad": lambda: optim.adagrad(0.1, weight_decay=0.5),
+    "rmsprop": lambda: optim.rmsprop(0.1, weight_decay=0.5, centered=True, momentum=0.5),
+    "schedule": lambda: optim.adamw(schedules.warmup_cosine(1e-2, 2, 10), weight_decay=0.5),
+}
+
+
+def _mixed():
+  floats = _params()
+  ints = {"step": jnp.array(7, jnp.int32), "ids": jnp.array([7, 1, 0, -3], jnp.int32),
+          "flag": jnp.array([True, False]), "small": jnp.array([1, 2], jnp.int8)}
+  return floats, {**floats, **ints}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_non_float_leaves_pass_through_unchanged_with_no_state(name, fused):
+  """Before: AdamW turned an int 7 into 6 after one step (weight decay, then the cast back);
+  ones became 0. Now integer and bool leaves are never changed and hold no state, and the
+  float leaves step exactly as if the others were not there."""
+  tx = ALL[name]()
+  floats, mixed = _mixed()
+  assert optim.state_bytes(tx, mixed) == optim.state_bytes(tx, floats)
+  s_f, s_m = tx.init(floats), tx.init(mixed)
+  p_f, p_m = floats, mixed
+  for t in range(3):
+    g = _grads(t)
+    g_mixed = {**g, **{k: jnp.ones_like(v) for k, v in mixed.items() if k not in g}}
+    kw = {"hessian": jax.tree.map(jnp.abs, g_mixed)} if name == "sophia" else {}
+    if fused:
+      p_f, s_f = optim.update_and_apply(tx, g, s_f, p_f, **{
+          k: {n: v[n] for n in g} for k, v in kw.items()})
+      p_m, s_m = optim.update_and_apply(tx, g_mixed, s_m, p_m, **kw)
+    else:
+      u_f, s_f = tx.update(g, s_f, p_f, **{k: {n: v[n] for n in g} for k, v in kw.items()})
+      u_m, s_m = tx.update(g_mixed, s_m, p_m, **kw)
+      for k in mixed:
+        if k not in floats:
+          assert not np.any(np.asarray(u_m[k])), (k, u_m[k])
+      p_f, p_m = optax.apply_updates(p_f, u_f), optax.apply_updates(p_m, u_m)
+  for k, v in mixed.items():
+    if k in floats:
+      chex.assert_trees_all_equal(p_m[k], p_f[k])
+    else:
+      chex.assert_trees_all_equal(p_m[k], v)  # same values, same dtype
+  if name == "sophia":  # the win rate counts the float coordinates only
+    assert float(optim.sophia_win_rate(s_m)) == float(optim.sophia_win_rate(s_f))
+
+
+def test_float0_gradients_of_integer_leaves():
+  """jax.grad(..., allow_int=True) gives float0 gradients for integer inputs."""
+  p = {"w": jnp.ones(3), "n": jnp.array(3, jnp.int32)}
+  loss = lambda p: jnp.sum(p["w"] ** 2) * p["n"]
+  g = jax.grad(loss, allow_int=True)(p)
+  assert g["n"].dtype == jax.dtypes.float0
+  for make in (lambda: optim.adamw(1e-2), lambda: optim.sgd(0.1, weight_decay=0.1),
+               lambda: optim.lion(1e-2, weight_decay=0.1)):
+    tx = make()
+    u, _ = tx.update(g, tx.init(p), p)
+    new = optax.apply_updates(p, u)
+    assert int(new["n"]) == 3 and new["n"].dtype == jnp.int32
+    new_fused, _ = optim.update_and_apply(tx, g, tx.init(p), p)
+    chex.assert_trees_all_equal(new_fused, new)
+
+
+def test_building_block_alone_gives_a_zero_direction_for_integer_leaves():
+  p = {"w": jnp.ones(2), "i": jnp.array([5, 6])}
+  tx = optim.scale_by_adam()
+  state = tx.init(p)
+  assert isinstance(state.mu["i"], optax.MaskedNode)
+  u, state = tx.update({"w": jnp.ones(2), "i": jnp.array([1, 1])}, state)
+  assert u["i"].dtype == p["i"].dtype and not np.any(np.asarray(u["i"]))
+  assert isinstance(state.nu["i"], optax.MaskedNode)
+
+
+def test_complex_parameters_are_refused_naming_the_leaf():
+  with pytest.raises(TypeError, match=r"\['z'\] is complex"):
+    optim.adamw(1e-3).init({"w": jnp.ones(2), "z": jnp.ones(2, jnp.complex64)})
+
+
+@pytest.mark.parametrize("build, arg", [
+    (lambda d: optim.adamw(1e-3, mu_dtype=d), "mu_dtype"),
+    (lambda d: optim.adamw(1e-3, nu_dtype=d), "nu_dtype"),
+    (lambda d: optim.adam(1e-3, mu_dtype=d), "mu_dtype"),
+    (lambda d: optim.lion(1e-3, mu_dtype=d), "mu_dtype"),
+    (lambda d: optim.sophia(1e-3, nu_dtype=d), "nu_dtype"),
+    (lambda d: optim.scale_by_momentum(0.9, mu_dtype=d), "mu_dtype"),
+])
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int32, jnp.uint8, jnp.bool_, jnp.complex64])
+def test_non_float_state_dtype_is_refused_naming_the_argument(build, arg, dtype):
+  """Before: mu_dtype=jnp.int8 was accepted and rounded every moment to an integer."""
+  with pytest.raises(ValueError, match=f"`{arg}` must be a floating dtype"):
+    build(dtype)
+
+
+EPS0 = {
+    "rmsprop": lambda: optim.rmsprop(0.1, eps=0.0),
+    "rmsprop_momentum": lambda: optim.rmsprop(0.1, eps=0.0, momentum=0.9),
+    "adagrad": lambda: optim.adagrad(0.1, eps=0.0),
+    "adagrad_lr_decay": lambda: optim.adagrad(0.1, eps=0.0, lr_decay=0.1),
+    "adam": lambda: optim.adam(0.1, eps=0.0),
+    "adamw_amsgrad": lambda: optim.adamw(0.1, eps=0.0, amsgrad=True, weight_decay=0.0),
+    "sophia": lambda: optim.sophia(0.1, eps=0.0, weight_decay=0.0),
+    "lion": lambda: optim.lion(0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EPS0))
+def test_eps_zero_zero_gradient_step_is_exactly_zero(name):
+  """Before: rmsprop(eps=0) / adagrad(eps=0) with a zero gradient gave NaN params (0/0).
+  A zero gradient entry now steps by exactly 0 while the others step as usual."""
+  tx = EPS0[name]()
+  p = {"w": jnp.array([1.0, 2.0, -3.0])}
+  g = {"w": jnp.array([0.0, 0.5, 0.0])}
+  state = tx.init(p)
+  for _ in range(3):
+    u, state = tx.update(g, state, p)
+    chex.assert_tree_all_finite(u)
+    assert float(u["w"][0]) == 0.0 and float(u["w"][2]) == 0.0
+    assert float(u["w"][1]) < 0.0
+  if name in ("adam", "adamw_amsgrad", "sophia", "lion"):
+    new, _ = optim.update_and_apply(tx, g, tx.init(p), p)
+    chex.assert_tree_all_finite(new)
+
+
+def test_eps_zero_nonzero_gradient_matches_the_equation():
+  # rmsprop, first step, eps = 0: s = (1 - a) g^2, u = g / sqrt(s) = sign(g) / sqrt(1 - a)
+  tx = optim.rmsprop(0.1, alpha=0.99, eps=0.0)
+  p = jnp.array([1.0, 1.0])
+  u, _ = tx.update(jnp.array([0.5, 0.0]), tx.init(p), p)
+  chex.assert_trees_all_close(u, jnp.array([-0.1 / np.sqrt(0.01), 0.0]), rtol=1e-6)
+  tx = optim.adagrad(0.1, eps=0.0)
+  u, _ = tx.update(jnp.array([-2.0, 0.0]), tx.init(p), p)
+  chex.assert_trees_all_close(u, jnp.array([0.1, 0.0]), rtol=1e-6)
+
+
+def test_centered_rmsprop_needs_eps():
+  with pytest.raises(ValueError, match="`eps` must be > 0 with centered=True"):
+    optim.rmsprop(0.1, eps=0.0, centered=True)
+
+
+def test_momentum_buffer_init_zero_is_the_course_notes_ema_by_hand():
+  r"""buffer_init="zero": v_0 = 0, v_t = beta v_{t-1} + (1 - beta) g_t, p -= lr v_t."""
+  beta, lr = 0.9, 0.1
+  gs = [np.array([1.0, -2.0], F32), np.array([3.0, 0.5], F32), np.array([-1.0, 4.0], F32)]
+  for init, v in (("zero", np.zeros(2, F32)), ("grad", None)):
+    tx = optim.momentum(lr, beta=beta, buffer_init=init)
+    p = jnp.zeros(2)
+    state = tx.init(p)
+    for t, g in enumerate(gs):
+      if v is None:  # "grad" (PyTorch): v_1 = g_1
+        v = g.copy()
+      else:
+        v = beta * v + (1 - beta) * g
+      u, state = tx.update(jnp.asarray(g), state, p)
+      chex.assert_trees_all_close(u, -lr * v, rtol=1e-6, atol=0)
+      if t == 0:  # the first step: 10x smaller with "zero"
+        np.testing.assert_allclose(np.asarray(u), -lr * (1 - beta if init == "zero" else 1) * g,
+                                   rtol=1e-6)
+  with pytest.raises(ValueError, match="`buffer_init`"):
+    optim.momentum(lr, buffer_init="zeros")
+
+
+def test_momentum_buffer_init_grad_matches_torch_sgd():
+  torch = pytest.importorskip("torch")
+  beta, lr = 0.9, 0.05
+  rng = np.random.default_rng(0)
+  p0 = rng.normal(size=(3, 4)).astype(F32)
+  gs = rng.normal(size=(6, 3, 4)).astype(F32)
+  w = torch.tensor(p0, requires_grad=True)
+  opt = torch.optim.SGD([w], lr=lr, momentum=beta, dampening=beta)
+  tx = optim.momentum(lr, beta=beta, buffer_init="grad")
+  p = jnp.asarray(p0)
+  state = tx.init(p)
+  for g in gs:
+    w.grad = torch.tensor(g)
+    opt.step()
+    u, state = tx.update(jnp.asarray(g), state, p)
+    p = optax.apply_updates(p, u)
+    np.testing.assert_allclose(np.asarray(p), w.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_wrong_grads_or_state_is_a_clear_error(name):
+  """Before: a gradient leaf of shape (1,) for a (3,) parameter was silently broadcast by
+  plain SGD, other shapes / structures / states crashed inside JAX or optax.chain."""
+  tx = ALL[name]()
+  p = _params()
+  state = tx.init(p)
+  kw = {"hessian": None} if name == "sophia" else {}
+  bad_shape = {**_grads(0), "b": jnp.ones(1)}
+  for call in (lambda g, s: tx.update(g, s, p, **kw),
+               lambda g, s: optim.update_and_apply(tx, g, s, p)):
+    with pytest.raises(ValueError, match=r"`(updates|grads)` leaf \['b'\] has shape \(1,\)"):
+      call(bad_shape, state)
+    with pytest.raises(ValueError, match="`(updates|grads)` must have the structure"):
+      call({"w": _grads(0)["w"]}, state)
+    with pytest.raises(TypeError, match="`state` must be"):
+      call(_grads(0), None)
+    with pytest.raises(TypeError, match="`state` must be"):
+      call(_grads(0), optim.scale_by_lion().init(p))
+
+
+def test_a_callable_mask_must_return_bools():
+  tx = optim.adamw(1e-3, mask=lambda p: jax.tree.map(lambda x: 0.5, p))
+  with pytest.raises(TypeError, match="adamw: `mask` .* the callable returned"):
+    tx.update(_params(), tx.init(_params()), _params())
+
+
+def test_second_moment_overflow_steps_by_zero_never_nan():
+  """|g| > 1.8e19: g**2 overflows float32 (as in torch.optim): that coordinate steps by 0,
+  the others as usual, and nothing is NaN (inf / inf in Adam's bias-corrected ratio,
+  inf - inf in centered RMSprop, before)."""
+  p = jnp.ones(3)
+  g = jnp.array([jnp.finfo(jnp.float32).max, 1e30, 1.0])
+  for tx in (optim.adam(1e-2), optim.rmsprop(1e-2, centered=True, momentum=0.9),
+             optim.adagrad(1e-2)):
+    u, _ = tx.update(g, tx.init(p), p)
+    assert np.all(np.isfinite(np.asarray(u)))
+    assert float(u[0]) == 0.0 and float(u[1]) == 0.0 and float(u[2]) < 0.0

@@ -205,8 +205,31 @@ def test_hutchinson_bad_input():
   _, params, loss_fn = _quadratic()
   with pytest.raises(ValueError, match="`distribution`"):
     hessian.hutchinson(loss_fn, params, jax.random.PRNGKey(0), distribution="uniform")
-  with pytest.raises(ValueError, match="floating"):
-    hessian.hutchinson(lambda p: 0.0, {"n": jnp.arange(3)}, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="must be real"):
+    hessian.hutchinson(lambda p: 0.0, {"z": jnp.ones(3, jnp.complex64)}, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+def test_integer_leaves_get_a_zero_estimate_and_sophia_keeps_no_curvature_for_them(estimator):
+  """Non-float parameter leaves are not differentiated (before: hutchinson refused them,
+  GNB crashed on their float0 cotangent); the float leaves' estimate is unchanged."""
+  key = jax.random.PRNGKey(0)
+  x = jnp.linspace(-1.0, 1.0, 15).reshape(5, 3)
+  floats = {"w": jnp.linspace(-0.5, 0.5, 12).reshape(3, 4)}
+  mixed = {**floats, "n": jnp.array(2, jnp.int32), "ids": jnp.array([3, 1])}
+  logits = lambda q: x @ q["w"]
+  loss = lambda q: -jnp.mean(jax.nn.log_softmax(logits(q))[:, 0])
+  if estimator == "gnb":
+    est = lambda q: hessian.gauss_newton_bartlett(logits, q, key)
+  else:
+    est = lambda q: hessian.hutchinson(loss, q, key)
+  e_f, e_m = est(floats), jax.jit(est)(mixed)
+  chex.assert_trees_all_close(e_m["w"], e_f["w"], rtol=1e-6)
+  chex.assert_trees_all_equal(e_m["n"], jnp.zeros((), jnp.float32))
+  chex.assert_trees_all_equal(e_m["ids"], jnp.zeros(2, jnp.float32))
+  tx = optim.sophia(1e-2)
+  _, state = tx.update(jax.tree.map(jnp.zeros_like, mixed), tx.init(mixed), mixed, hessian=e_m)
+  assert isinstance(state[0].hessian["n"], optax.MaskedNode)
 
 
 # ---------------------------------------------------------------------------------------------

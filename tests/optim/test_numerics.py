@@ -2,6 +2,7 @@
 import chex
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxopt_llm.optim import numerics
 
@@ -43,11 +44,15 @@ def test_bias_correction_is_accurate_for_b_close_to_one():
   assert float(numerics.bias_correction(0.0, jnp.int32(3))) == 1.0
 
 
-def test_safe_div_gives_zero_for_zero_denominator_only_without_a_positive_eps():
-  num, den = jnp.array([1.0, 0.0, jnp.nan]), jnp.array([0.0, 0.0, 1.0])
-  out = np.asarray(numerics.safe_div(num, den, 0.0))
-  assert out[0] == 0.0 and out[1] == 0.0 and np.isnan(out[2])
-  assert np.isinf(np.asarray(numerics.safe_div(num, den, 1e-8))[0])  # plain division
+@pytest.mark.parametrize("eps", [0.0, 1e-8, jnp.float32(0.0)])
+def test_safe_div_zero_for_a_zero_or_infinite_denominator_plain_division_elsewhere(eps):
+  num = jnp.array([1.0, 0.0, jnp.nan, jnp.inf, 3.0, 1.0, jnp.nan])
+  den = jnp.array([0.0, 0.0, 1.0, jnp.inf, 1e30, 3.0, jnp.nan])
+  out = np.asarray(numerics.safe_div(num, den, eps))
+  np.testing.assert_array_equal(out[:2], [0.0, 0.0])       # 1/0, 0/0 (eps = 0, zero history)
+  assert np.isnan(out[2]) and np.isnan(out[6])            # NaN stays NaN
+  assert out[3] == 0.0                                    # inf/inf: overflowed moment -> 0
+  assert out[4] == np.float32(3.0) / np.float32(1e30) and out[5] == np.float32(1.0) / 3
 
 
 def test_fraction_true_counts_exactly_in_int32():
