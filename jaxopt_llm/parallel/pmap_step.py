@@ -44,8 +44,11 @@ from jaxopt_llm.parallel.mesh import DATA_AXIS
 __all__ = ["replicate", "unreplicate", "split_batch", "make_pmap_train_step"]
 
 
-def _pmap_devices(devices: Optional[Sequence[Any]]) -> list:
-  return list(jax.local_devices() if devices is None else devices)
+def _pmap_devices(devices: Optional[Sequence[Any]], owner: str = "replicate") -> list:
+  devs = list(jax.local_devices() if devices is None else devices)
+  if not devs:
+    raise ValueError(f"{owner}: `devices` must name at least one device, got {devices!r}")
+  return devs
 
 
 def _stacked_sharding(devices: Sequence[Any], axis_name: str) -> NamedSharding:
@@ -77,7 +80,14 @@ def replicate(tree: PyTree, devices: Optional[Sequence[Any]] = None, *,
 
 def unreplicate(tree: PyTree) -> PyTree:
   """The first replica of every leaf (the inverse of ``replicate``)."""
-  return jax.tree.map(lambda x: x[0], tree)
+
+  def first(x):
+    if np.ndim(x) == 0:
+      raise ValueError("unreplicate: every leaf must have a leading replica axis (the output "
+                       f"of `replicate` or of a pmapped step), got a scalar {x!r}")
+    return x[0]
+
+  return jax.tree.map(first, tree)
 
 
 def split_batch(batch: PyTree, n: Optional[int] = None, *,
@@ -92,7 +102,7 @@ def split_batch(batch: PyTree, n: Optional[int] = None, *,
       by ``n``.
   """
   owner = "split_batch"
-  devs = _pmap_devices(devices)
+  devs = _pmap_devices(devices, owner)
   if n is None:
     n = len(devs)
   check_int(owner, "n", n, lo=1)

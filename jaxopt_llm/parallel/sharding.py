@@ -39,10 +39,11 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxopt_llm._validation import check_choice
+from jaxopt_llm._validation import check_choice, check_int
 from jaxopt_llm.parallel._common import PyTree, leaf_shape
 from jaxopt_llm.parallel.mesh import DATA_AXIS, mesh_axis_size
 
@@ -76,6 +77,10 @@ def zero_spec(shape: Sequence[int], axis_size: int, *, axis: str = DATA_AXIS,
   is replicated over ``axis``. Also unchanged when ``base`` already uses ``axis`` or
   ``axis_size == 1``. Trailing ``None``s are dropped, so equal layouts compare equal.
   """
+  check_int("zero_spec", "axis_size", axis_size, lo=1)
+  if isinstance(shape, (str, bytes)) or not all(
+      isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in shape):
+    raise ValueError(f"zero_spec: `shape` must be a sequence of integers, got {shape!r}")
   shape = tuple(int(d) for d in shape)
   entries = list(base or ())
   if len(entries) > len(shape):

@@ -66,3 +66,10 @@ def test_split_batch_errors():
     parallel.split_batch(np.zeros((16, 2)), 9)
   with pytest.raises(ValueError, match="scalar|divisible"):
     parallel.split_batch({"x": np.float32(1.0)})
+
+
+def test_replicate_and_unreplicate_errors_name_the_argument():
+  with pytest.raises(ValueError, match="replicate: `devices`"):
+    parallel.replicate({"w": np.ones(2)}, devices=[])
+  with pytest.raises(ValueError, match="unreplicate: every leaf"):
+    parallel.unreplicate({"w": np.float32(1.0)})

@@ -224,3 +224,11 @@ def test_train_state_shardings_for_a_whole_train_state(mlp):
     assert mlp.spec(get(placed, "opt_state")[0].mu["l1"]["w"]) == P(None, "data")
   with pytest.raises(ValueError, match="opt_state"):
     parallel.train_state_shardings({"params": params}, plan)
+
+
+@pytest.mark.parametrize("shape, size, match", [
+    ((8, 16), 0, "`axis_size`"), ((8, 16), 2.0, "`axis_size`"), ("3", 2, "`shape`"),
+    ((8.0, 16), 2, "`shape`")])
+def test_zero_spec_bad_arguments_name_them(shape, size, match):
+  with pytest.raises(ValueError, match=match):
+    parallel.zero_spec(shape, size)
