@@ -59,14 +59,17 @@ def optimizer_state_norms(opt_state: Any) -> dict[str, jax.Array]:
 
 
 def sophia_stats(opt_state: Any) -> dict[str, jax.Array]:
-  """``{"sophia_win_rate", "sophia_hessian_norm"}`` when ``opt_state`` holds a Sophia state.
+  """Sophia's win rate, Hessian-EMA norm and refused-estimate count, when ``opt_state``
+  holds a Sophia state (empty dict otherwise).
 
   The win rate is the fraction of coordinates whose step was *not* clipped to ``lr`` in the
-  last update (the official implementation logs it the same way); empty dict otherwise.
+  last update (the official implementation logs it the same way). ``sophia_hessian_rejected``
+  counts the estimates with a NaN/inf that were refused (``h`` kept): nonzero deserves a look.
   """
   try:
     return {"sophia_win_rate": optim.sophia_win_rate(opt_state),
-            "sophia_hessian_norm": optim.sophia_hessian_norm(opt_state)}
+            "sophia_hessian_norm": optim.sophia_hessian_norm(opt_state),
+            "sophia_hessian_rejected": optim.sophia_hessian_rejected(opt_state)}
   except ValueError:  # no Sophia state in this optimizer
     return {}
 

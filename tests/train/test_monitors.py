@@ -24,3 +24,15 @@ def test_optimizer_state_norms_equal_the_buffers_norms():
   assert float(norms["nu"]) == pytest.approx(float(optax.tree.norm(inner.nu)), rel=1e-6)
   assert float(monitors.global_norm(grads)) == pytest.approx(
       math.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads))), rel=1e-6)
+
+
+def test_monitor_reports_sophias_refused_hessian_estimates():
+  params = {"w": jnp.ones((2, 3))}
+  tx = optim.sophia(1e-3)
+  state = tx.init(params)
+  bad = {"w": jnp.full((2, 3), jnp.nan)}
+  _, state = tx.update(params, state, params, hessian=bad)
+  out = monitors.monitor(params, state)
+  assert int(out["sophia_hessian_rejected"]) == 1
+  assert float(out["sophia_hessian_norm"]) == 0.0  # the NaN estimate never reached h
+  assert "sophia_hessian_rejected" not in monitors.monitor(params, optim.adamw(1e-3).init(params))
