@@ -15,6 +15,13 @@ transposes, and the default train step took 18-27% more CPU time.
 Besides ``model(tokens) -> logits`` the model exposes ``model.hidden(tokens)`` (final normed
 hidden states ``[B, T, d]``) and ``model.head_kernel()`` (``[d, V]``, Flax Dense layout), so a
 fused linear cross-entropy can compute the loss without materialising ``[B*T, V]`` logits.
+
+Mixed precision (``compute_dtype="bfloat16"``, ``matmul``): the parameters stay float32 (the
+optimizer's master weights; its state is float32 too). Every matrix product rounds its two
+operands to bfloat16 and accumulates into a float32 result, as tensor cores and TPUs do; the
+backward pass's products also take bfloat16 operands (the gradient is rounded). Everything
+between the products (embeddings, the residual stream, LayerNorm, GELU, the attention
+softmax, the logits and the loss) is float32, and the parameters get float32 gradients.
 """
 from __future__ import annotations
 
@@ -24,9 +31,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jaxopt_llm._validation import check_int
+from jaxopt_llm._validation import check_choice, check_int
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 MODEL_SIZES = {
     # name: (n_layer, n_head, d_model)
@@ -46,11 +56,13 @@ class GPTConfig:
   d_model: int = 96
   mlp_ratio: int = 4
   tied_head: bool = True
+  compute_dtype: str = "float32"  # of the matrix products: float32 | bfloat16
 
   def __post_init__(self):
     owner = "GPTConfig"
     for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "mlp_ratio"):
       check_int(owner, name, getattr(self, name), lo=1)
+    check_choice(owner, "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
     if self.d_model % self.n_head:
       raise ValueError(f"{owner}: `d_model` ({self.d_model}) must be divisible by `n_head` "
                        f"({self.n_head})")
@@ -66,53 +78,126 @@ class GPTConfig:
 _init = nnx.initializers.normal(0.02)
 
 
-def rows(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+def matmul(a: jax.Array, b: jax.Array, compute_dtype: str = "float32", *,
+           spec: str | None = None) -> jax.Array:
+  """``a @ b`` (or ``einsum(spec, a, b)``) in ``compute_dtype``.
+
+  float32: the plain product. bfloat16: both operands are rounded to bfloat16 and the product
+  accumulates into a float32 result; in the backward pass the incoming float32 gradient is
+  rounded to bfloat16 too, so both gradient products also take bfloat16 operands (their
+  results, rounded to bfloat16, reach float32 operands through the casts' transposes: a
+  float32 parameter gets a float32 gradient).
+  """
+  if compute_dtype == "float32":
+    return jnp.einsum(spec, a, b) if spec else jnp.matmul(a, b)
+  return _low_precision_product(spec, a.astype(compute_dtype), b.astype(compute_dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def mixed_dot_supported(platform: str | None = None) -> bool:
+  """Whether the backend (default: the default one) runs a batched bfloat16 x bfloat16 ->
+  float32 product. Older XLA:CPU (jax 0.7) does not ("Unsupported element type for
+  DotThunk"); ``matmul`` then gives the same numbers with a float32 product of the
+  bfloat16-rounded operands (a product of two bfloat16 numbers is exact in float32)."""
+  platform = platform or jax.default_backend()
+  with jax.ensure_compile_time_eval():  # a real run, also when called while tracing
+    try:
+      x = jnp.ones((2, 2, 4, 4), jnp.bfloat16)  # batched: 1-batch products took another path
+      y = jnp.ones((2, 4, 2, 8), jnp.bfloat16)
+      device = jax.local_devices(backend=platform)[0]
+      x, y = jax.device_put(x, device), jax.device_put(y, device)
+      out = jax.jit(lambda x, y: jnp.einsum("bhqk,bkhd->bqhd", x, y,
+                                            preferred_element_type=jnp.float32))(x, y)
+      return bool(np.asarray(out)[0, 0, 0, 0] == 4.0)
+    except Exception:  # noqa: BLE001  (XlaRuntimeError; its module moved between versions)
+      return False
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _low_precision_product(spec, a, b):
+  if mixed_dot_supported():
+    kw = {"preferred_element_type": jnp.float32}
+  else:
+    a, b, kw = a.astype(jnp.float32), b.astype(jnp.float32), {}
+  return jnp.einsum(spec, a, b, **kw) if spec else jnp.matmul(a, b, **kw)
+
+
+def _low_precision_product_fwd(spec, a, b):
+  return _low_precision_product(spec, a, b), (a, b)
+
+
+def _low_precision_product_bwd(spec, res, g):
+  # The vjp of the product with a low-precision result: its two transposed products take
+  # the (rounded) gradient and the saved low-precision operands.
+  a, b = res
+  _, vjp = jax.vjp(lambda x, y: jnp.einsum(spec, x, y) if spec else jnp.matmul(x, y), a, b)
+  return vjp(g.astype(a.dtype))
+
+
+_low_precision_product.defvjp(_low_precision_product_fwd, _low_precision_product_bwd)
+
+
+def rows(layer: nnx.Linear, x: jax.Array, compute_dtype: str = "float32") -> jax.Array:
   """``layer(x)`` on the rows of ``x [..., d]`` flattened to ``[N, d]``: one 2-D product (see
-  the module docstring for why), reshaped back to ``[..., n]``."""
-  return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+  the module docstring for why) in ``compute_dtype`` (``matmul``), reshaped back to
+  ``[..., n]``. The bias is added in float32."""
+  x2 = x.reshape(-1, x.shape[-1])
+  if compute_dtype == "float32":
+    y = layer(x2)
+  else:
+    y = matmul(x2, layer.kernel[...], compute_dtype)
+    if layer.bias is not None:
+      y = y + layer.bias[...]
+  return y.reshape(*x.shape[:-1], -1)
 
 
 class CausalSelfAttention(nnx.Module):
   def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
     d = cfg.d_model
     self.n_head = cfg.n_head
+    self.compute_dtype = cfg.compute_dtype
     self.qkv = nnx.Linear(d, 3 * d, kernel_init=_init, rngs=rngs)
     self.proj = nnx.Linear(d, d, kernel_init=nnx.initializers.normal(
         0.02 / math.sqrt(2 * cfg.n_layer)), rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
-    q, k, v = jnp.split(rows(self.qkv, x), 3, axis=-1)
+    q, k, v = jnp.split(rows(self.qkv, x, self.compute_dtype), 3, axis=-1)
     heads = lambda z: z.reshape(b, t, self.n_head, d // self.n_head)  # noqa: E731
-    y = causal_attention(heads(q), heads(k), heads(v))
-    return rows(self.proj, y.reshape(b, t, d))
+    y = causal_attention(heads(q), heads(k), heads(v), compute_dtype=self.compute_dtype)
+    return rows(self.proj, y.reshape(b, t, d), self.compute_dtype)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                     compute_dtype: str = "float32") -> jax.Array:
   r"""``softmax(q k^T / sqrt(hd) + causal mask) v`` for ``q, k, v [B, T, H, hd]``.
+
+  The two products run in ``compute_dtype`` (float32 result), the softmax in float32.
 
   Written out rather than ``jax.nn.dot_product_attention(..., is_causal=True)``: the same
   math, and the default train step took 4-9% more CPU time with that one (XLA:CPU; per-head
   slices, an additive mask and a single [3, B, H, T, hd] transpose measured the same as this).
   """
   t, hd = q.shape[1], q.shape[-1]
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / math.sqrt(hd))
+  scores = matmul(q, k, compute_dtype, spec="bqhd,bkhd->bhqk") * (1.0 / math.sqrt(hd))
   causal = jnp.tril(jnp.ones((t, t), dtype=bool))
   # A finite fill: a fully masked row cannot occur (the diagonal is always kept), but a
   # finite value keeps even that case NaN-free.
   scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
-  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+  return matmul(jax.nn.softmax(scores, axis=-1), v, compute_dtype, spec="bhqk,bkhd->bqhd")
 
 
 class MLP(nnx.Module):
   def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
     d, h = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+    self.compute_dtype = cfg.compute_dtype
     self.fc = nnx.Linear(d, h, kernel_init=_init, rngs=rngs)
     self.proj = nnx.Linear(h, d, kernel_init=nnx.initializers.normal(
         0.02 / math.sqrt(2 * cfg.n_layer)), rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return rows(self.proj, jax.nn.gelu(rows(self.fc, x)))
+    cd = self.compute_dtype
+    return rows(self.proj, jax.nn.gelu(rows(self.fc, x, cd)), cd)
 
 
 class Block(nnx.Module):
@@ -158,7 +243,8 @@ class GPT(nnx.Module):
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     h = self.hidden(tokens)
-    return (h.reshape(-1, h.shape[-1]) @ self.head_kernel()).reshape(*h.shape[:-1], -1)
+    logits = matmul(h.reshape(-1, h.shape[-1]), self.head_kernel(), self.cfg.compute_dtype)
+    return logits.reshape(*h.shape[:-1], -1)
 
 
 def num_params(params) -> int:

@@ -25,6 +25,7 @@ sharded array (each process feeds its own slice), everything else is unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
@@ -39,7 +40,7 @@ from jaxopt_llm import losses, parallel
 from jaxopt_llm.optim import guards, hessian
 from jaxopt_llm.train import monitors
 from jaxopt_llm.train.config import TrainConfig
-from jaxopt_llm.train.model import GPT
+from jaxopt_llm.train.model import GPT, mixed_dot_supported
 from jaxopt_llm.train.optimizers import OPTIMIZERS, build
 
 FUSED_CE_AUTO_VOCAB = 8192   # fused_ce="auto" turns the fused loss on from this vocabulary
@@ -62,9 +63,13 @@ def lm_loss(model: GPT, tokens: jax.Array, *, z_loss: float = 0.0,
   if not fused:
     return losses.causal_lm_loss(model(tokens), tokens, z_loss=z_loss)
   h = model.hidden(tokens)[:, :-1]
+  kernel = model.head_kernel()
+  if model.cfg.compute_dtype != "float32":  # bf16 products, float32 accumulation and loss
+    h, kernel = h.astype(model.cfg.compute_dtype), kernel.astype(model.cfg.compute_dtype)
+    if not mixed_dot_supported():  # the same numbers: float32 products of rounded operands
+      h, kernel = h.astype(jnp.float32), kernel.astype(jnp.float32)
   return losses.fused_linear_cross_entropy(
-      h.reshape(-1, h.shape[-1]), model.head_kernel(), tokens[:, 1:].reshape(-1),
-      z_loss=z_loss)
+      h.reshape(-1, h.shape[-1]), kernel, tokens[:, 1:].reshape(-1), z_loss=z_loss)
 
 
 class TrainState(NamedTuple):
@@ -206,10 +211,13 @@ class Program(NamedTuple):
 
 
 # Fields that do not enter the compiled program (logging, sampling, the seed: the seed only
-# changes the initial values and the batch order; how processes find each other).
+# changes the initial values and the batch order; how processes find each other; the data
+# files). The tokenizer enters as its vocabulary size only (``_VOCAB``), read when the program
+# is looked up: an edited tokenizer file with another vocabulary gets another program.
 _NOT_IN_PROGRAM = frozenset({"eval_every", "eval_windows", "log_every", "save_every", "seed",
                              "sample_tokens", "sample_prompt", "coordinator_address",
-                             "process_id"})
+                             "process_id", "tensorboard", "wandb", "data", "tokenizer"})
+_VOCAB = "<vocab_size>"
 
 
 def build_program(cfg: TrainConfig, *, cached: bool = True) -> Program:
@@ -218,13 +226,16 @@ def build_program(cfg: TrainConfig, *, cached: bool = True) -> Program:
   builds new objects (a new optimizer, newly compiled functions)."""
   cfg.validate()
   key = tuple(sorted((k, v) for k, v in cfg.to_dict().items() if k not in _NOT_IN_PROGRAM))
+  key += ((_VOCAB, cfg.model_config().vocab_size),)
   return _build_program(key) if cached else _build_program.__wrapped__(key)
 
 
 @functools.lru_cache(maxsize=16)
 def _build_program(key: tuple) -> Program:
-  cfg = TrainConfig(**dict(key))
-  mcfg = cfg.model_config()
+  fields = dict(key)
+  vocab_size = fields.pop(_VOCAB)
+  cfg = TrainConfig(**fields)
+  mcfg = dataclasses.replace(cfg.model_config(), vocab_size=vocab_size)
   schedule, tx = build(cfg)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT(mcfg, nnx.Rngs(0))))
   fused = use_fused_ce(cfg.fused_ce, mcfg.vocab_size)

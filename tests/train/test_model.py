@@ -94,3 +94,68 @@ def test_generate_top1_equals_a_greedy_reference_loop(tiny_model):
   b = M.generate(graphdef, params, prompt, 10, jax.random.PRNGKey(1))
   np.testing.assert_array_equal(a, b)
   assert ((a >= 0) & (a < 256)).all()
+
+
+# --- mixed precision: compute_dtype="bfloat16" ---------------------------------------------
+
+def dot_dtypes(fn, *args) -> list[tuple]:
+  """(lhs, rhs, out) dtypes of every dot_general in ``fn``'s jaxpr, nested jaxprs included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(tuple(str(v.aval.dtype) for v in (*eqn.invars, *eqn.outvars)))
+      for p in eqn.params.values():
+        for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+          if hasattr(sub, "jaxpr"):  # ClosedJaxpr
+            walk(sub.jaxpr)
+          elif hasattr(sub, "eqns"):
+            walk(sub)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_bf16_matmul_is_the_product_of_bf16_rounded_inputs_accumulated_in_float32():
+  a = jax.random.normal(jax.random.PRNGKey(0), (8, 32))
+  b = jax.random.normal(jax.random.PRNGKey(1), (32, 5))
+  got = M.matmul(a, b, "bfloat16")
+  chex.assert_type(got, jnp.float32)
+  # bf16 x bf16 products are exact in float32: only the summation order may differ.
+  rounded = np.asarray(a.astype(jnp.bfloat16), np.float64) @ np.asarray(
+      b.astype(jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(got, rounded, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(got) - np.asarray(a @ b)).max() > 1e-3  # it did round
+  np.testing.assert_array_equal(M.matmul(a, b), a @ b)  # float32: the plain product
+  # A batched product (attention's p @ v), jitted: the path older XLA:CPU cannot run natively.
+  p = jax.random.uniform(jax.random.PRNGKey(2), (2, 2, 8, 8))
+  v = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 2, 4))
+  got = jax.jit(lambda p, v: M.matmul(p, v, "bfloat16", spec="bhqk,bkhd->bqhd"))(p, v)
+  rounded = np.einsum("bhqk,bkhd->bqhd", *(np.asarray(z.astype(jnp.bfloat16), np.float64)
+                                           for z in (p, v)))
+  chex.assert_type(got, jnp.float32)
+  np.testing.assert_allclose(got, rounded, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="compute_dtype"):
+    M.GPTConfig(compute_dtype="float16")
+
+
+def test_bf16_model_keeps_float32_params_runs_every_product_in_bf16_and_stays_close():
+  kw = dict(n_layer=2, n_head=2, d_model=16, block_size=16)
+  m32 = nnx.jit(lambda: M.GPT(M.GPTConfig(**kw), nnx.Rngs(0)))()
+  m16 = nnx.jit(lambda: M.GPT(M.GPTConfig(**kw, compute_dtype="bfloat16"), nnx.Rngs(0)))()
+  p32, p16 = nnx.to_pure_dict(nnx.state(m32)), nnx.to_pure_dict(nnx.state(m16))
+  chex.assert_trees_all_equal(p16, p32)  # same init, float32 master weights
+  assert {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype(jnp.float32)}
+  x = fixed_batch(2, 16)
+  # 2 layers x (qkv, q k^T, p v, proj, fc, proj) + the head: 13 products, all bf16 -> f32
+  # (where the backend cannot, float32 products of the bf16-rounded operands: same numbers).
+  native = ("bfloat16", "bfloat16", "float32")
+  assert dot_dtypes(lambda: m16(x)) == [
+      native if M.mixed_dot_supported() else ("float32",) * 3] * 13
+  assert {d for d in dot_dtypes(lambda: m32(x))} == {("float32", "float32", "float32")}
+  l32, l16 = forward(m32, x)[0], forward(m16, x)[0]
+  chex.assert_type(l16, jnp.float32)
+  assert 0 < np.abs(np.asarray(l16 - l32)).max() < 0.05 * np.abs(np.asarray(l32)).max()
+  # Causality survives the rounding.
+  y = x.at[:, 9:].set((x[:, 9:] + 17) % 256)
+  np.testing.assert_array_equal(forward(m16, y)[0][:, :9], l16[:, :9])
