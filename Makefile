@@ -12,8 +12,10 @@ STAMP  := $(VENV)/.installed-stamp
 MIN_VENV := .venv-min
 MIN_STAMP := $(MIN_VENV)/.installed-stamp
 
+# --overwrite: each `make run` replaces the previous one's runs/train (a plain
+# `jaxopt-llm train` refuses a folder holding an earlier run).
 run: $(STAMP)
-	$(VENV)/bin/jaxopt-llm train
+	$(VENV)/bin/jaxopt-llm train --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile

@@ -1,7 +1,11 @@
-"""``jaxopt-llm``: train the tiny GPT, compare optimizers, plot schedules, check PyTorch parity.
+"""``jaxopt-llm``: train the tiny GPT, sample from it, compare optimizers, plot schedules,
+check PyTorch parity.
 
   jaxopt-llm train    [--optimizer adamw] [--schedule warmup_cosine] [--steps 600] [--out DIR]
+                      [--data PATH] [--tokenizer tokenizer.json] [--resume | --overwrite]
+                      [--no-tensorboard] [--wandb]
                       [--shard zero1] [--num-processes 2 --process-id 0 --coordinator-address H:P]
+  jaxopt-llm sample   RUN_DIR [--prompt TEXT] [--tokens 200] [--temperature 0.8] [--top-k K]
   jaxopt-llm compare  [--optimizers adamw,lion,sophia] [--steps 600] [--out DIR]
   jaxopt-llm schedule warmup_cosine --warmup-steps 1000 --steps 10000 --lr 1e-4 --out x.png
   jaxopt-llm parity   [--steps 200]
@@ -10,15 +14,19 @@ The ``train`` / ``compare`` flags are generated from ``TrainConfig``'s fields: `
 sets ``n_layer``, ``--lr`` sets ``lr``, and so on (help texts from the field comments).
 ``schedule`` takes the schedule's fields of the same config and calls the same builder as
 ``train``. Bad arguments (including values the library rejects, e.g. a warmup longer than the
-run) print one line ``jaxopt-llm ...: error: ...`` and exit with status 2, never a
-traceback; ``JAXOPT_LLM_DEBUG=1`` shows the traceback instead. Only the command that runs is
-set up, and flax, orbax, tqdm and matplotlib are imported by the commands that need them
-(``parity`` needs none of them, ``schedule`` only matplotlib).
+run, a path that is not a folder, a run folder the run refuses) print one line
+``jaxopt-llm ...: error: ...`` and exit with status 2, never a traceback;
+``JAXOPT_LLM_DEBUG=1`` shows the traceback instead (an unexpected failure is one line and
+status 1). Only the command that runs is set up, and each command first checks that the
+optional packages it needs are installed (``NEEDS``); if not, one line names the
+``pip install 'jaxopt_llm[extra]'`` to run, status 2. matplotlib is optional for ``train``
+and ``compare``: without it they skip the PNG with one line.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import inspect
 import json
 import os
@@ -28,11 +36,81 @@ import typing
 from typing import Optional, Sequence
 
 COMMANDS = {
-    "train": "train the tiny GPT on the embedded corpus",
+    "train": "train the tiny GPT on the embedded corpus or your text (--data)",
+    "sample": "continue a prompt with a trained run's latest intact checkpoint",
     "compare": "AdamW vs Lion vs Sophia on the same data and budget",
     "schedule": "plot a learning-rate schedule to PNG",
     "parity": "every optimizer vs PyTorch, as a table (needs torch)",
 }
+# The optional packages each command imports: (module, distribution) per extra. A command
+# checks them before it starts, and names the `pip install 'jaxopt_llm[extra]'` to run.
+_TRAIN_MODULES = (("flax", "flax"), ("orbax.checkpoint", "orbax-checkpoint"), ("tqdm", "tqdm"))
+NEEDS = {
+    "train": {"train": _TRAIN_MODULES},
+    "compare": {"train": _TRAIN_MODULES},
+    "sample": {"train": _TRAIN_MODULES[:2]},
+    "schedule": {"plots": (("matplotlib", "matplotlib"),)},
+    "parity": {"torch": (("torch", "torch"),)},
+}
+
+
+class MissingExtra(Exception):
+  """An optional dependency of the command is not installed (one line, exit status 2)."""
+
+
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):  # a missing parent package; a module set to None
+    return False
+
+
+def _needs(args) -> dict[str, tuple]:
+  """``{extra: ((module, distribution), ...)}`` that this invocation imports."""
+  needs = {k: tuple(v) for k, v in NEEDS.get(args.command, {}).items()}
+  if args.command in ("train", "compare"):
+    if getattr(args, "tensorboard", False):
+      needs["train"] += (("tensorboardX", "tensorboardX"),)
+    if getattr(args, "tokenizer", None):
+      needs["train"] += (("tokenizers", "tokenizers"),)
+    if getattr(args, "wandb", False):
+      needs["wandb"] = (("wandb", "wandb"),)
+  return needs
+
+
+def check_extras(args) -> None:
+  """MissingExtra naming the extra to install when a module ``args.command`` needs is missing."""
+  for extra, modules in _needs(args).items():
+    missing = [dist for module, dist in modules if not _installed(module)]
+    if missing:
+      what = ", ".join(missing)
+      hint = (" (or --no-tensorboard)" if missing == ["tensorboardX"] else "")
+      raise MissingExtra(f"needs {what}, which {'is' if len(missing) == 1 else 'are'} not "
+                         f"installed: pip install 'jaxopt_llm[{extra}]'{hint}")
+
+
+def check_out_dir(path: str, flag: str = "--out") -> None:
+  """ValueError (one line) unless ``path`` is a folder or can be created as one."""
+  if not path:
+    raise ValueError(f"{flag}: give a folder")
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"{flag}: {path!r} is a file, not a folder")
+  parent = os.path.abspath(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"{flag}: cannot create {path!r}: {parent!r} is a file")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"{flag}: cannot write in {parent!r} (permission denied)")
+
+
+def check_out_file(path: str, flag: str = "--out") -> None:
+  """ValueError (one line) unless ``path`` can be written as a file."""
+  if not path or os.path.isdir(path):
+    raise ValueError(f"{flag}: {path!r} is a folder; give a file name, e.g. schedule.png")
+  check_out_dir(os.path.dirname(os.path.abspath(path)), flag)
+
+
 # TrainConfig fields that `compare` sets itself, and the multi-host ones it does not take.
 _NOT_COMPARE = ("optimizer", "lr", "weight_decay", "save_every", "coordinator_address",
                 "num_processes", "process_id")
@@ -110,8 +188,8 @@ def _config_from(args, fields: Sequence[str], **fixed):
 
 def _flag_names(message: str) -> str:
   """A config error names fields (`warmup_steps`); on the command line, name the flags."""
-  return re.sub(r"^TrainConfig: ", "", re.sub(r"`(\w+)`", lambda m: _flag(m.group(1)),
-                                              message))
+  return re.sub(r"^(TrainConfig|sample): ", "",
+                re.sub(r"`(\w+)`", lambda m: _flag(m.group(1)), message))
 
 
 def _checked(cfg):
@@ -134,14 +212,19 @@ def _train_fields() -> list[str]:
 def _add_run_args(p: argparse.ArgumentParser, fields, *, out: str) -> None:
   """What ``train`` and ``compare`` share: the config flags, ``--no-progress``, ``--out``."""
   _add_config_args(p, fields)
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--no-progress", action="store_true",
+                 help="no progress bar (or, when stderr is not a terminal, progress lines)")
   p.add_argument("--out", default=out, help="output directory (default %(default)s)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="start afresh in an --out that holds an earlier run's checkpoints, "
+                      "deleting them")
 
 
 def _build_parser(command: Optional[str]) -> argparse.ArgumentParser:
   """The parser; only ``command``'s arguments are set up (their imports cost seconds)."""
-  parser = _Parser(prog="jaxopt-llm", description="Train the tiny GPT, compare optimizers, "
-                   "plot schedules, check PyTorch parity (jaxopt_llm's command line).")
+  parser = _Parser(prog="jaxopt-llm", description="Train the tiny GPT, sample from it, "
+                   "compare optimizers, plot schedules, check PyTorch parity (jaxopt_llm's "
+                   "command line).")
   sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}",
                               parser_class=_Parser)
   sub.required = True
@@ -150,11 +233,12 @@ def _build_parser(command: Optional[str]) -> argparse.ArgumentParser:
   if command == "train":
     t = parsers["train"]
     t.description = ("Train a tiny GPT (Flax NNX) on the embedded corpus (CPython's help() "
-                     "text, byte-level). Writes metrics.jsonl, loss_curve.png and "
-                     "checkpoints/ to --out and prints val loss against the unigram entropy.")
+                     "text, byte-level) or on --data. Writes checkpoints/, metrics.jsonl, "
+                     "config.json, TensorBoard event files and loss_curve.png to --out and "
+                     "prints val loss against the unigram entropy.")
     _add_run_args(t, _train_fields(), out=os.path.join("runs", "train"))
     t.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --out")
+                   help="continue from the latest intact checkpoint in --out")
   elif command == "compare":
     c = parsers["compare"]
     c.description = ("Train one model per optimizer (each with its recipe's lr and weight "
@@ -165,6 +249,21 @@ def _build_parser(command: Optional[str]) -> argparse.ArgumentParser:
     c.add_argument("--lrs", default=None, help="peak lr overrides, e.g. adamw=1e-2,lion=3e-3")
     _add_run_args(c, [f for f in _train_fields() if f not in _NOT_COMPARE],
                   out=os.path.join("runs", "compare"))
+  elif command == "sample":
+    q = parsers["sample"]
+    q.description = ("Continue a prompt with the model of a `jaxopt-llm train` run: its "
+                     "latest intact checkpoint, its config and tokenizer. Prints the prompt "
+                     "and the continuation.")
+    q.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a train run")
+    q.add_argument("--prompt", default=None,
+                   help="text to continue (default: the run's --sample-prompt)")
+    q.add_argument("--tokens", type=int, default=200,
+                   help="tokens to generate (default %(default)s)")
+    q.add_argument("--temperature", type=float, default=0.8,
+                   help="softmax temperature, > 0 (default %(default)s)")
+    q.add_argument("--top-k", type=int, default=None,
+                   help="sample among the K most likely tokens (default: all)")
+    q.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
   elif command == "schedule":
     from jaxopt_llm.train.optimizers import SCHEDULES
     s = parsers["schedule"]
@@ -197,16 +296,32 @@ def _cmd_train(args) -> int:
   except ValueError as e:
     raise ValueError(_flag_names(str(e))) from None
   _checked(cfg)
+  check_out_dir(args.out)
+  if args.resume and args.overwrite:
+    raise ValueError("--resume and --overwrite exclude each other: continue the run in --out, "
+                     "or delete it and start afresh")
   if args.resume and not os.path.isdir(os.path.join(args.out, "checkpoints")):
     raise ValueError(f"--resume: no checkpoints in {args.out!r}")
   from jaxopt_llm.train.loop import format_summary, train
-  result = train(cfg, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
+  result = train(cfg, out_dir=args.out, resume=args.resume, overwrite=args.overwrite,
+                 progress=not args.no_progress)
   import jax
   if jax.process_index() == 0:
     print(format_summary(result.summary))
-    print(f"wrote {os.path.join(args.out, 'metrics.jsonl')}, "
-          f"{os.path.join(args.out, 'loss_curve.png')} and checkpoints/")
+    print(_wrote(args.out))
   return 0
+
+
+def _wrote(out: str) -> str:
+  """``wrote OUT/{checkpoints/, metrics.jsonl, ...}``: what the run left in ``out``."""
+  from jaxopt_llm.train import writers
+  names = [n for n in ("checkpoints/", writers.METRICS, writers.CONFIG, writers.LOSS_CURVE)
+           if os.path.exists(os.path.join(out, n))]
+  if any(n.startswith("events.out.tfevents.") for n in os.listdir(out)):
+    names.append("TensorBoard events")
+  if os.path.isdir(os.path.join(out, "wandb")):
+    names.append("wandb/")
+  return f"wrote {os.path.join(out, '')}{{{', '.join(names)}}}"
 
 
 def _parse_lrs(text: Optional[str]) -> dict:
@@ -240,12 +355,20 @@ def _cmd_compare(args) -> int:
   fields = [f for f in _train_fields() if f not in _NOT_COMPARE]
   configs = {n: _checked(_config_from(args, fields, optimizer=n, lr=lrs.get(n)))
              for n in names}  # all validated before any training
+  check_out_dir(args.out)
+  from jaxopt_llm.train import run_dir
+  for n in names:  # refuse before the first model trains, not after it
+    found = None if args.overwrite else run_dir.earlier_run(os.path.join(args.out, n))
+    if found:
+      raise ValueError(f"{os.path.join(args.out, n)!r} holds {found}: replace it with "
+                       "--overwrite, or give another --out")
   from jaxopt_llm.train.loop import train
   from jaxopt_llm.train.plots import plot_runs
   results = {}
   for n, cfg in configs.items():
     print(f"== {n} ==", flush=True)
-    results[n] = train(cfg, out_dir=os.path.join(args.out, n), progress=not args.no_progress)
+    results[n] = train(cfg, out_dir=os.path.join(args.out, n), overwrite=args.overwrite,
+                       progress=not args.no_progress)
   first = next(iter(results.values())).summary
   header = (f"{'optimizer':10s} {'peak lr':>8s} {'val loss':>9s} {'ppl':>6s} {'acc':>6s} "
             f"{'vs unigram':>10s} {'time s':>7s} {'skipped':>7s}")
@@ -263,12 +386,12 @@ def _cmd_compare(args) -> int:
           f"{100 * s['val_acc']:5.1f}% {-s['below_unigram']:+10.3f} {s['time_s']:7.1f} "
           f"{s['skipped_nonfinite'] + s['skipped_spike']:7d}")
   png = os.path.join(args.out, "compare.png")
-  plot_runs({n: r.history for n, r in results.items()}, png,
-            title=f"optimizers on the tiny GPT ({args.steps} steps, {args.schedule})",
-            baseline=first["unigram_entropy"])
+  drawn = plot_runs({n: r.history for n, r in results.items()}, png,
+                    title=f"optimizers on the tiny GPT ({args.steps} steps, {args.schedule})",
+                    baseline=first["unigram_entropy"], log=print)
   with open(os.path.join(args.out, "compare.json"), "w") as f:
     json.dump(rows, f, indent=1)
-  print(f"wrote {png} and {os.path.join(args.out, 'compare.json')}")
+  print(f"wrote {png + ' and ' if drawn else ''}{os.path.join(args.out, 'compare.json')}")
   return 0
 
 
@@ -289,6 +412,7 @@ def _cmd_schedule(args) -> int:
     sched = build_schedule(cfg)
   except ValueError as e:
     raise ValueError(_flag_names(str(e))) from None
+  check_out_file(args.out)
   total, warmup = cfg.steps, cfg.warmup
   marks = {0, warmup // 2, warmup, total // 4, total // 2, 3 * total // 4, total}
   if cfg.schedule == "wsd":
@@ -313,17 +437,33 @@ def _cmd_parity(args) -> int:
     raise ValueError(f"--steps must be an integer >= 1, got {args.steps}")
   if not args.tol > 0 or args.tol == float("inf"):
     raise ValueError(f"--tol must be a finite number > 0, got {args.tol}")
-  try:
-    import torch  # noqa: F401
-  except ImportError:
-    raise ValueError("parity needs PyTorch, which is not installed: "
-                     "pip install 'jaxopt_llm[torch]'") from None
   from jaxopt_llm.parity.__main__ import main as parity_main
   return parity_main(["--steps", str(args.steps), "--tol", repr(args.tol)])
 
 
-_RUN = {"train": _cmd_train, "compare": _cmd_compare, "schedule": _cmd_schedule,
-        "parity": _cmd_parity}
+def _cmd_sample(args) -> int:
+  from jaxopt_llm.train import sample
+  try:
+    sample.check_sampling(args.tokens, args.temperature, args.top_k, args.seed)
+  except ValueError as e:
+    raise ValueError(_flag_names(str(e))) from None
+  run = sample.load_run(args.run_dir, log=lambda text: print(text, file=sys.stderr))
+  prompt = run.cfg.sample_prompt if args.prompt is None else args.prompt
+  try:
+    text = sample.sample(run, prompt, args.tokens, temperature=args.temperature,
+                         top_k=args.top_k, seed=args.seed)
+  except ValueError as e:
+    raise ValueError(_flag_names(str(e))) from None
+  print(f"{args.run_dir}: checkpoint of step {run.step}, {args.tokens} tokens "
+        f"(temperature {args.temperature:g}"
+        + (f", top-k {args.top_k}" if args.top_k else "") + f", seed {args.seed})",
+        file=sys.stderr)
+  print(prompt + text)
+  return 0
+
+
+_RUN = {"train": _cmd_train, "sample": _cmd_sample, "compare": _cmd_compare,
+        "schedule": _cmd_schedule, "parity": _cmd_parity}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -333,16 +473,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = _build_parser(command)
   args = parser.parse_args(argv)  # exits 2 with a one-line message on bad arguments
   prog = f"{parser.prog} {args.command}"
+  debug = os.environ.get("JAXOPT_LLM_DEBUG", "") not in ("", "0")
   try:
+    check_extras(args)
     return _RUN[args.command](args)
-  except (ValueError, FileNotFoundError) as e:
-    if os.environ.get("JAXOPT_LLM_DEBUG"):
+  except (ValueError, OSError, ImportError, MissingExtra) as e:  # bad arguments, paths, run
+    # folders, an optional package missing
+    if debug:
       raise
-    print(f"{prog}: error: {e}", file=sys.stderr)
+    print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
     return 130
+  except Exception as e:  # noqa: BLE001  (a failure we did not foresee: one line too)
+    if debug:
+      raise
+    print(f"{prog}: error: {type(e).__name__}: {_one_line(e)} (JAXOPT_LLM_DEBUG=1 shows "
+          "the traceback)", file=sys.stderr)
+    return 1
+
+
+def _one_line(e: BaseException) -> str:
+  """The message of ``e`` on one line (OSError: with its file name)."""
+  if isinstance(e, OSError) and e.strerror and e.filename:
+    text = f"{e.filename}: {e.strerror}"
+  else:
+    text = str(e) or type(e).__name__
+  return " ".join(text.split())
 
 
 if __name__ == "__main__":

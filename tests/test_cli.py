@@ -1,7 +1,9 @@
 """The ``jaxopt-llm`` command: every subcommand end to end with tiny settings, bad arguments."""
+import importlib.util
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -9,6 +11,9 @@ import sys
 import pytest
 
 from jaxopt_llm import cli
+
+event_accumulator = pytest.importorskip(
+    "tensorboard.backend.event_processing.event_accumulator")
 
 TINY = ["--n-layer", "1", "--d-model", "16", "--n-head", "2", "--block-size", "16",
         "--batch-size", "4", "--eval-windows", "4", "--no-progress"]
@@ -45,6 +50,21 @@ def test_train_writes_metrics_curve_and_summary_then_resumes(tmp_path, capsys):
   assert summary["val_ppl"] == pytest.approx(2.718281828 ** summary["val_loss"], rel=1e-6)
   assert is_png(os.path.join(out, "loss_curve.png"))
   assert os.path.isdir(os.path.join(out, "checkpoints", "4"))
+  # config.json beside the metrics; TensorBoard's reader finds the same numbers
+  saved = json.load(open(os.path.join(out, "config.json")))
+  assert saved["config"]["steps"] == 4 and saved["versions"]["jax"]
+  acc = event_accumulator.EventAccumulator(out)
+  acc.Reload()
+  for tag, kind, key in (("train/loss", "train", "loss"), ("train/lr", "train", "lr"),
+                         ("train/grad_norm", "train", "grad_norm"),
+                         ("val/loss", "eval", "val_loss"), ("val/acc", "eval", "val_acc")):
+    logged = [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in recs if r["kind"] == kind]
+    assert [(e.step, e.value) for e in acc.Scalars(tag)] == logged, tag
+  # `sample` continues a prompt with the run's checkpoint
+  assert cli.main(["sample", out, "--prompt", "def ", "--tokens", "12", "--seed", "1"]) == 0
+  captured = capsys.readouterr()
+  assert captured.out.startswith("def ") and len(captured.out) > len("def \n")
+  assert "checkpoint of step 4" in captured.err
   # resuming a finished run: nothing left to train, the same final numbers
   rc = cli.main(["train", "--steps", "4", "--resume", "--sample-tokens", "0", "--out", out,
                  *TINY])
@@ -98,11 +118,61 @@ def test_parity_runs_the_table(monkeypatch, capsys):
   assert "adamw" in text and "lion" in text and "worst" in text
 
 
-def test_parity_without_torch_is_a_clear_error(monkeypatch, capsys):
+MISSING = [
+    (["parity"], "torch", "jaxopt_llm[torch]"),
+    (["train"], "flax", "jaxopt_llm[train]"),
+    (["train"], "orbax.checkpoint", "orbax-checkpoint"),
+    (["train"], "tqdm", "jaxopt_llm[train]"),
+    (["train"], "tensorboardX", "--no-tensorboard"),
+    (["train", "--wandb"], "wandb", "jaxopt_llm[wandb]"),
+    (["train", "--tokenizer", "tok.json"], "tokenizers", "jaxopt_llm[train]"),
+    (["compare"], "flax", "jaxopt_llm[train]"),
+    (["sample", "somewhere"], "flax", "jaxopt_llm[train]"),
+    (["schedule", "wsd"], "matplotlib", "jaxopt_llm[plots]"),
+]
+
+
+@pytest.mark.parametrize("argv,module,needle", MISSING,
+                         ids=[f"{a[0]}-{m}" for a, m, _ in MISSING])
+def test_a_missing_extra_is_one_line_naming_the_pip_install(argv, module, needle, monkeypatch,
+                                                            capsys):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == module else real(name, *a))
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "not installed" in err and needle in err, err
+  assert "Traceback" not in err
+
+
+def test_the_extras_check_follows_the_flags(monkeypatch, capsys):
+  real = importlib.util.find_spec
+  gone = {"tensorboardX", "wandb", "matplotlib"}
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name in gone else real(name, *a))
+  # without TensorBoard, W&B or a tokenizer the train extra's core suffices: the error is
+  # the next one, the bad --steps
+  assert cli.main(["train", "--no-tensorboard", "--steps", "0"]) == 2
+  assert "--steps" in capsys.readouterr().err
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
   assert cli.main(["parity"]) == 2
-  err = capsys.readouterr().err
-  assert "needs PyTorch" in err and "Traceback" not in err
+  assert "jaxopt_llm[torch]" in capsys.readouterr().err
+
+
+def test_a_run_without_matplotlib_trains_and_skips_the_png_in_one_line(tmp_path, monkeypatch,
+                                                                       capsys):
+  monkeypatch.setitem(sys.modules, "matplotlib", None)
+  out = tmp_path / "run"
+  with_progress = [a for a in TINY if a != "--no-progress"]
+  assert cli.main(["train", "--steps", "4", "--eval-every", "0", "--sample-tokens", "0",
+                   "--out", str(out), *with_progress]) == 0
+  text = capsys.readouterr().out
+  skipped = [ln for ln in text.splitlines() if "not installed" in ln]
+  assert len(skipped) == 1 and "jaxopt_llm[plots]" in skipped[0], text
+  assert not (out / "loss_curve.png").exists() and (out / "metrics.jsonl").exists()
+  # stdout is not a terminal here: progress lines instead of a bar
+  progress = [ln for ln in text.splitlines() if re.match(r"step \d+/4 \(\d+%\)", ln)]
+  assert [ln.split()[1] for ln in progress] == ["1/4", "2/4", "3/4", "4/4"], text
 
 
 BAD = [
@@ -150,6 +220,66 @@ def test_bad_arguments_exit_2_with_one_line_and_no_traceback(argv, needle, capsy
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
   assert cli.main(["train", "--resume", "--out", str(tmp_path / "none"), *TINY]) == 2
   assert "no checkpoints" in capsys.readouterr().err
+
+
+def one_error_line(capsys, needle):
+  captured = capsys.readouterr()
+  err = [ln for ln in captured.err.splitlines() if ln.strip()]
+  assert len(err) == 1 and needle in err[0], captured.err
+  assert "Traceback" not in captured.err + captured.out
+  return err[0]
+
+
+def test_bad_paths_are_one_line(tmp_path, capsys):
+  a_file = tmp_path / "f.txt"
+  a_file.write_text("not a folder")
+  earlier = tmp_path / "earlier"
+  os.makedirs(earlier / "lion")
+  (earlier / "lion" / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+  cases = [
+      (["train", "--out", str(earlier / "lion")], "--overwrite"),
+      (["compare", "--optimizers", "adamw,lion", "--out", str(earlier)], "--overwrite"),
+      (["train", "--out", str(a_file)], "is a file, not a folder"),
+      (["train", "--out", str(a_file / "run")], "is a file"),
+      (["compare", "--out", str(a_file)], "is a file, not a folder"),
+      (["schedule", "wsd", "--out", str(tmp_path)], "is a folder"),
+      (["schedule", "wsd", "--out", str(a_file / "x.png")], "is a file"),
+      (["train", "--resume", "--overwrite", "--out", str(tmp_path)], "exclude each other"),
+      (["sample", str(tmp_path / "nothing")], "does not exist"),
+      (["sample", str(a_file)], "not a folder"),
+      (["sample", str(tmp_path)], "not a run folder"),
+      (["sample", str(tmp_path), "--temperature", "0"], "--temperature"),
+      (["sample", str(tmp_path), "--top-k", "0"], "--top-k"),
+      (["sample", str(tmp_path), "--tokens", "-1"], "--tokens"),
+      (["sample", str(tmp_path), "--temperature", "warm"], "--temperature"),
+  ]
+  for argv, needle in cases:
+    try:
+      rc = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+      rc = e.code
+    assert rc == 2, argv
+    one_error_line(capsys, needle)
+  assert a_file.read_text() == "not a folder"
+  assert os.listdir(earlier) == ["lion"]  # refused before anything was trained or written
+
+
+def test_debug_shows_the_traceback_and_an_unforeseen_failure_is_one_line(tmp_path, capsys,
+                                                                         monkeypatch):
+  a_file = tmp_path / "f.txt"
+  a_file.write_text("x")
+  monkeypatch.setenv("JAXOPT_LLM_DEBUG", "1")
+  with pytest.raises(ValueError, match="is a file"):
+    cli.main(["train", "--out", str(a_file)])
+  monkeypatch.delenv("JAXOPT_LLM_DEBUG")
+
+  def broken(args):
+    raise RuntimeError("something\nunexpected")
+
+  monkeypatch.setitem(cli._RUN, "schedule", broken)
+  assert cli.main(["schedule", "wsd"]) == 1
+  line = one_error_line(capsys, "RuntimeError: something unexpected")
+  assert "JAXOPT_LLM_DEBUG=1" in line
 
 
 def _console_script() -> str:
