@@ -1,7 +1,9 @@
 """Losses and metrics for LLM training.
 
 All losses are pure functions of arrays, compute in at least float32 (bf16/fp16 inputs
-are upcast), are logsumexp-stable and jit-able. One concept per module:
+are upcast; float64 inputs under x64 stay float64), are logsumexp-stable and jit-able;
+the softmax losses keep the relative precision of tiny losses (``_common.softmax_nll``).
+One concept per module:
 ``cross_entropy`` (CE, causal-LM CE), ``fused`` (CE through the LM head without the
 ``[tokens, vocab]`` logits), ``masked_lm`` (BERT masking), ``contrastive`` (InfoNCE, CLIP),
 ``preference`` (per-token/sequence log-probs, DPO family), ``kto`` / ``orpo`` / ``cpo`` / ``bco``

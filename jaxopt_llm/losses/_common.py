@@ -4,7 +4,13 @@
 and the divergences decide masking, label validation and reductions here, once, so they
 cannot drift apart. A token *counts* when ``label != ignore_index`` and ``where`` is True
 there; a counted label outside ``[0, V)`` is *bad*: eagerly a ``ValueError``, under jit
-NaN (or a checkify check with ``validate=True``), never a silently wrong finite value.
+NaN in the value *and* the gradient (or a checkify check with ``validate=True``), never a
+silently wrong finite value.
+
+The per-row negative log-likelihood ``-log softmax(z)_y`` of every softmax loss (token CE,
+the fused CE, InfoNCE, CLIP) is :func:`softmax_nll`: it keeps the relative precision of
+tiny losses (see there), so a well-fit token's loss is not the rounding error of
+``logsumexp(z) - z_y``.
 
 Internal to ``jaxopt_llm.losses`` (the leading underscore of the module); the names are
 public so the loss modules can share them.
@@ -16,16 +22,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import checkify
 
-from jaxopt_llm._validation import check_int, is_concrete
+from jaxopt_llm._validation import check_choice, check_int, check_real, is_concrete
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
 class Targets(NamedTuple):
   """Inputs of a token loss after validation, upcast and masking."""
-  logits: jax.Array     # float32 [..., V]; rows that do not count are zeroed.
+  logits: jax.Array     # compute_dtype [..., V]; rows that do not count are zeroed.
   labels: jax.Array     # int32 [...], always in [0, V) so the gather is safe.
   valid: jax.Array      # bool [...], True where the token counts.
   bad: jax.Array        # bool [...], True where a counted label is outside [0, V).
@@ -50,6 +57,23 @@ def compute_dtype(*arrays: Any) -> jnp.dtype:
   dtypes = [jnp.asarray(a).dtype for a in arrays if a is not None]
   dtypes = [d for d in dtypes if jnp.issubdtype(d, jnp.floating)]
   return jnp.result_type(jnp.float32, *dtypes)
+
+
+def check_hyper(owner: str, name: str, value: Any, **bounds: Any) -> None:
+  """``check_real`` (TypeError for a non-number, ValueError outside the bounds or NaN/inf)
+  plus a ValueError for a non-scalar: a ``[2]`` ``label_smoothing`` would otherwise
+  broadcast into a loss of the wrong shape. Traced scalars pass (checked by shape only)."""
+  check_real(owner, name, value, **bounds)
+  if value is None or callable(value):
+    raise TypeError(f"{owner}: `{name}` must be a number, got {type(value).__name__}")
+  if np.ndim(value) != 0:
+    raise ValueError(f"{owner}: `{name}` must be a scalar, got shape {np.shape(value)}")
+
+
+def check_flag(owner: str, name: str, value: Any) -> None:
+  """ValueError naming ``name`` unless ``value`` is a Python or numpy bool (not "yes", 2)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{owner}: `{name}` must be True or False, got {value!r}")
 
 
 def check_floating(owner: str, name: str, x: jax.Array, min_ndim: int = 1) -> None:
@@ -108,13 +132,16 @@ def validated_targets(owner: str, logits: Any, labels: Any, *, ignore_index: int
   """
   logits = jnp.asarray(logits)
   check_floating(owner, "logits", logits)
+  if logits.shape[-1] == 0:
+    raise ValueError(f"{owner}: `logits` must have at least one class (last axis V >= 1), "
+                     f"got shape {logits.shape}")
   valid, safe_labels, bad = validated_labels(
       owner, labels, logits.shape[:-1], logits.shape[-1], ignore_index=ignore_index,
       where=where, validate=validate, labels_name=labels_name,
       shape_name="logits.shape[:-1]")
   # Zero the rows that do not count *before* any math: their (possibly inf/NaN) logits
   # then cannot leak NaN into the value or, through 0 * NaN, into the gradient.
-  masked = jnp.where(valid[..., None], logits.astype(jnp.float32), 0.0)
+  masked = jnp.where(valid[..., None], logits.astype(compute_dtype(logits)), 0.0)
   return Targets(masked, safe_labels, valid, bad)
 
 
@@ -176,17 +203,103 @@ def validated_labels(owner: str, labels: Any, shape: tuple[int, ...], vocab: int
   return valid, safe_labels, bad
 
 
-def label_log_probs(logits: jax.Array, labels: jax.Array, lse: jax.Array,
-                    valid: jax.Array, bad: jax.Array) -> jax.Array:
-  """``log p(y) = z_y - lse`` per token: 0 where not valid, NaN where the label is bad."""
-  z_y = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-  return jnp.where(valid, jnp.where(bad, jnp.nan, z_y - lse), 0.0)
+class SoftmaxNll(NamedTuple):
+  """Per row of logits ``z`` with label ``y`` (see :func:`softmax_nll_parts`)."""
+  nll: jax.Array         # -log softmax(z)_y, with relative precision down to tiny values
+  lse: jax.Array         # log sum_c exp(z_c) = top + log(total)
+  label_grad: jax.Array  # d nll / d z_y = p_y - 1, also with relative precision
+  top: jax.Array         # m = max_c z_c
+  total: jax.Array       # sum_c exp(z_c - m) >= 1
+
+
+def softmax_probs(logits: jax.Array, top: jax.Array, total: jax.Array) -> jax.Array:
+  """``softmax(z) = exp(z - m) / total``: not ``exp(z - lse)``, whose rounded ``lse``
+  (an ulp of ``m``: 1e-3 at logits ~1e4) would shift every probability."""
+  return jnp.exp(logits - top[..., None]) * (1.0 / total)[..., None]
+
+
+def softmax_nll_parts(logits: jax.Array, labels: jax.Array) -> SoftmaxNll:
+  r"""``-log softmax(z)_y`` per row, exact for tiny values; labels must be in ``[0, V)``.
+
+  ``logsumexp(z) - z_y`` rounds ``lse`` (of the size of the largest logit) before the
+  subtraction, so a well-fit row (loss ~1e-5 at logits ~100) keeps only the rounding
+  error; ``log(sum_c exp(z_c - m))`` still rounds ``1 + s`` for ``s ~ 1e-5``. Here, with
+  ``m = max_c z_c``, ``r = sum_{c != y} exp(z_c - m)`` (the label's term left out by its
+  index, so there is nothing to cancel) and ``e_y = exp(z_y - m)``::
+
+    nll = log1p(r / e_y)               where z_y > m - 1
+        = (m - z_y) + log(e_y + r)     elsewhere (nll >= 1: two non-negative terms)
+    lse = m + log(e_y + r)
+
+  Both forms are sums of non-negative terms, so ``nll`` has the relative precision of
+  ``r`` and ``e_y`` (a few ulps; for ``z = [100, 88, 87]``, ``y = 0``: 8.4045e-6, exact
+  8.40451e-6) and is never negative. One reduction over the classes besides the max, as
+  ``logsumexp``. The label's term is left out by multiplying by ``sign|c - y|`` on a
+  floating iota (exact below 2**24 classes in float32; a comparison above), since XLA:CPU
+  vectorises that reduction and not one with a select. ``label_grad = -r / (e_y + r)``
+  is ``p_y - 1`` without the cancellation of ``p_y - 1`` at ``p_y ~ 1``.
+
+  NaN anywhere in a row gives NaN; ``-inf`` logits (a masked vocabulary) are exact
+  zeros of the softmax, and ``z_y = -inf`` gives ``nll = +inf``.
+  """
+  dtype = logits.dtype
+  vocab = logits.shape[-1]
+  m = jnp.max(logits, axis=-1)
+  if vocab <= 2 ** (jnp.finfo(dtype).nmant + 1):
+    iota = lax.broadcasted_iota(dtype, logits.shape, logits.ndim - 1)
+    not_label = jnp.sign(jnp.abs(iota - labels[..., None].astype(dtype)))
+  else:
+    iota = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    not_label = (iota != labels[..., None]).astype(dtype)
+  r = jnp.sum(jnp.exp(logits - m[..., None]) * not_label, axis=-1)
+  d_y = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0] - m
+  e_y = jnp.exp(d_y)
+  total = e_y + r                      # sum_c exp(z_c - m) >= 1
+  near = d_y > -1.0
+  nll = jnp.where(near, jnp.log1p(r / jnp.where(near, e_y, 1.0)), jnp.log(total) - d_y)
+  return SoftmaxNll(nll, m + jnp.log(total), -r / total, m, total)
+
+
+@jax.custom_jvp
+def softmax_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  r"""``(nll, lse)`` per row of :func:`softmax_nll_parts`, with the exact derivatives.
+
+  ``d nll / dz = softmax(z) - onehot(y)`` (the label's entry ``p_y - 1`` computed as
+  ``-r / (e_y + r)``, so the gradient of a tiny loss is as precise as the loss) and
+  ``d lse / dz = softmax(z)``. Written as a ``custom_jvp``, so forward mode, reverse mode
+  and higher derivatives (the rule is itself differentiable) all work; under ``jit`` XLA
+  recomputes ``softmax(z)`` in the backward pass instead of storing it.
+  """
+  parts = softmax_nll_parts(logits, labels)
+  return parts.nll, parts.lse
+
+
+@softmax_nll.defjvp
+def _softmax_nll_jvp(primals, tangents):
+  logits, labels = primals
+  dz, _ = tangents
+  parts = softmax_nll_parts(logits, labels)
+  p = softmax_probs(logits, parts.top, parts.total)
+  onehot = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == labels[..., None]
+  q = jnp.where(onehot, parts.label_grad[..., None], p)
+  return (parts.nll, parts.lse), (jnp.sum(q * dz, axis=-1), jnp.sum(p * dz, axis=-1))
+
+
+def masked_log_probs(nll: jax.Array, valid: jax.Array, bad: jax.Array) -> jax.Array:
+  """``log p(y) = -nll`` per token: 0 where not valid, NaN where the label is bad.
+
+  A bad label's NaN multiplies the value (``-nll * NaN``), so its gradient is NaN too: a
+  guard that checks gradients fires, where ``where(bad, nan, -nll)`` would give the
+  gradient an exact, silent 0.
+  """
+  poison = jnp.where(bad, jnp.nan, 1.0).astype(nll.dtype)
+  return jnp.where(valid, -nll * poison, 0.0)
 
 
 def token_log_probs(t: Targets) -> tuple[jax.Array, jax.Array]:
   """Returns (log p(y), logsumexp(z)) per token: 0 where not valid, NaN where bad."""
-  lse = jax.nn.logsumexp(t.logits, axis=-1)
-  return label_log_probs(t.logits, t.labels, lse, t.valid, t.bad), lse
+  nll, lse = softmax_nll(t.logits, t.labels)
+  return masked_log_probs(nll, t.valid, t.bad), lse
 
 
 def token_loss(logits: jax.Array, log_p: jax.Array, lse: jax.Array, valid: jax.Array, *,
@@ -196,15 +309,28 @@ def token_loss(logits: jax.Array, log_p: jax.Array, lse: jax.Array, valid: jax.A
     loss = (1 - eps) * (-log p(y)) + eps * (lse - mean_c z_c) + z_loss * lse**2
 
   (``eps = label_smoothing``; torch's label smoothing plus PaLM's z-loss), 0 where the
-  token does not count. ``log_p`` is :func:`label_log_probs`' output; ``None`` for a
-  term leaves it out of the graph (see :func:`is_concrete_zero`).
+  token does not count. ``log_p`` is :func:`masked_log_probs`' output (NaN for a bad
+  label, which every branch keeps); ``None`` for a term leaves it out of the graph (see
+  :func:`is_concrete_zero`); a traced weight of 0 gives its term 0 even where it is inf.
+
+  Every term is >= 0, so the sum can overflow to ``+inf`` (logits near the float32
+  range) but is never ``inf - inf = NaN``. Overflow-safe forms: the mean is
+  ``sum_c (z_c / V)`` (``sum_c z_c`` overflows at several logits of 3e38), and the z-loss
+  is ``(z_loss * lse) * lse``, whose reverse-mode derivative ``2 * z_loss * lse`` stays
+  finite for ``|lse| <= 3.4e38`` (``jnp.square``'s ``2 * lse`` would overflow first)
+  when the incoming cotangent is at most 1 (``jax.grad`` of the mean or sum).
   """
+  dtype = log_p.dtype
   loss = -log_p
   if label_smoothing is not None:
-    eps = jnp.asarray(label_smoothing, jnp.float32)
-    loss = (1.0 - eps) * loss + eps * (lse - jnp.mean(logits, axis=-1))
+    eps = jnp.asarray(label_smoothing, dtype)
+    mean_z = jnp.sum(logits * jnp.asarray(1.0 / logits.shape[-1], dtype), axis=-1)
+    # eps == 1: 0 * nll, but 0 (not NaN) for an infinite nll and NaN for a bad label.
+    kept = jnp.where(eps == 1, 0.0 * jnp.where(jnp.isinf(loss), 0.0, loss), (1.0 - eps) * loss)
+    loss = kept + jnp.where(eps == 0, 0.0, eps * (lse - mean_z))
   if z_loss is not None:
-    loss = loss + jnp.asarray(z_loss, jnp.float32) * jnp.square(lse)
+    zl = jnp.asarray(z_loss, dtype)
+    loss = loss + jnp.where(zl == 0, 0.0, (zl * lse) * lse)
   return jnp.where(valid, loss, 0.0)
 
 
@@ -219,5 +345,25 @@ def reduce_masked(values: jax.Array, valid: jax.Array, reduction: str) -> jax.Ar
   total = jnp.sum(values)
   if reduction == "sum":
     return total
-  count = jnp.sum(valid, dtype=jnp.float32)
+  count = jnp.sum(valid, dtype=total.dtype)
   return total / jnp.maximum(count, 1.0)
+
+
+def token_cross_entropy(owner: str, labels_name: str, logits: Any, labels: Any, *,
+                        ignore_index: int, label_smoothing: float, z_loss: float,
+                        reduction: str, where: Any | None, validate: bool) -> jax.Array:
+  """``cross_entropy`` with the caller's name and labels' name in error messages (the
+  body of ``cross_entropy``, ``causal_lm_loss`` and ``masked_lm_loss``)."""
+  check_choice(owner, "reduction", reduction, REDUCTIONS)
+  check_hyper(owner, "label_smoothing", label_smoothing, lo=0.0, hi=1.0)
+  check_hyper(owner, "z_loss", z_loss, lo=0.0)
+  check_flag(owner, "validate", validate)
+  t = validated_targets(
+      owner, logits, labels, ignore_index=ignore_index, where=where, validate=validate,
+      labels_name=labels_name)
+  log_p, lse = token_log_probs(t)
+  loss = token_loss(
+      t.logits, log_p, lse, t.valid,
+      label_smoothing=None if is_concrete_zero(label_smoothing) else label_smoothing,
+      z_loss=None if is_concrete_zero(z_loss) else z_loss)
+  return reduce_masked(loss, t.valid, reduction)

@@ -10,7 +10,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxopt_llm._validation import check_real, is_concrete
+from jaxopt_llm._validation import is_concrete
+from jaxopt_llm.losses._common import check_hyper, compute_dtype
 
 
 def combine_losses(
@@ -25,7 +26,8 @@ def combine_losses(
     total, parts = combine_losses({"ce": ce, "z": (z, 1e-4), "aux": (aux, 0.01)})
     # total = ce + 1e-4 * z + 0.01 * aux;  parts = {"ce": ce, "z": z, "aux": aux}
 
-  Losses must be scalars (any floating dtype; summed in float32). Weights may be Python
+  Losses must be scalars (any floating dtype; summed in float32, or float64 when any
+  loss is float64). Weights may be Python
   numbers or (traced) scalar arrays, e.g. a schedule value, so the call jit-compiles and
   ``jax.grad`` of ``total`` is ``sum_k w_k * grad L_k``. A concrete weight of 0 (e.g. a
   Python 0.0) drops the term from ``total`` statically, so a disabled, possibly inf/NaN
@@ -38,8 +40,8 @@ def combine_losses(
       already carries a weight, or one not in ``losses``, is an error.
 
   Returns:
-    ``(total, parts)``: a float32 scalar and a dict name -> float32 scalar (the
-    unweighted losses, in the order given).
+    ``(total, parts)``: a scalar and a dict name -> scalar (the unweighted losses, in
+    the order given), all in that dtype.
   """
   owner = "combine_losses"
   if not isinstance(losses, Mapping) or not losses:
@@ -49,8 +51,7 @@ def combine_losses(
   unknown = set(weights) - set(losses)
   if unknown:
     raise ValueError(f"{owner}: `weights` names unknown loss(es) {sorted(unknown)}")
-  total = jnp.zeros((), jnp.float32)
-  parts = {}
+  entries = {}
   for name, entry in losses.items():
     if isinstance(entry, tuple):
       if len(entry) != 2:
@@ -62,17 +63,22 @@ def combine_losses(
       value, weight = entry
     else:
       value, weight = entry, weights.get(name, 1.0)
+    if isinstance(value, (str, bytes)) or value is None:
+      raise ValueError(f"{owner}: `losses[{name!r}]` must be a floating scalar, got "
+                       f"{type(value).__name__}")
     value = jnp.asarray(value)
     if value.ndim != 0 or not jnp.issubdtype(value.dtype, jnp.floating):
       raise ValueError(f"{owner}: `losses[{name!r}]` must be a floating scalar, got "
                        f"dtype {value.dtype} shape {value.shape}")
-    check_real(owner, f"weights[{name!r}]", weight)
-    if jnp.ndim(weight) != 0:
-      raise ValueError(f"{owner}: `weights[{name!r}]` must be a scalar, got shape "
-                       f"{jnp.shape(weight)}")
-    value = value.astype(jnp.float32)
+    check_hyper(owner, f"weights[{name!r}]", weight)
+    entries[name] = (value, weight)
+  dtype = compute_dtype(*(v for v, _ in entries.values()))
+  total = jnp.zeros((), dtype)
+  parts = {}
+  for name, (value, weight) in entries.items():
+    value = value.astype(dtype)
     parts[name] = value
     if is_concrete(weight) and float(weight) == 0.0:
       continue
-    total = total + jnp.asarray(weight, jnp.float32) * value
+    total = total + jnp.asarray(weight, dtype) * value
   return total, parts

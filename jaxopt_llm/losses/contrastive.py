@@ -1,8 +1,12 @@
 """Contrastive losses for two-tower (dual-encoder) models: InfoNCE and CLIP.
 
-All similarities are cosine similarities of float32, L2-normalised features, computed by
-:func:`l2_normalize`, which never divides by zero: a zero vector normalises to zero, so its
-similarity to everything is 0 and the loss and its gradients stay finite.
+All similarities are cosine similarities of L2-normalised features (float32, float64 for
+float64 inputs), computed by :func:`l2_normalize`, which never divides by zero: a zero
+vector normalises to zero, so its similarity to everything is 0 and the loss and its
+gradients stay finite. Each row's ``-log softmax`` at its positive is
+``_common.softmax_nll``, as in ``cross_entropy``: a well-separated pair's tiny loss keeps
+its relative precision (at CLIP's logit scale 100 the logits are ~100, and
+``logsumexp - z_pos`` would keep only their rounding). An empty batch gives 0.0.
 
 ``in_batch_info_nce`` and ``clip_loss`` use the other examples of the batch as negatives.
 With ``axis_name`` (inside ``jax.shard_map`` or ``jax.pmap``) the negatives are gathered
@@ -17,10 +21,12 @@ from typing import Any, Hashable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from jaxopt_llm._validation import check_choice, check_real
-from jaxopt_llm.losses._common import REDUCTIONS
+from jaxopt_llm._validation import check_choice
+from jaxopt_llm.losses._common import (
+    REDUCTIONS, check_flag, check_hyper, compute_dtype, softmax_nll)
 # CLIP (Radford et al., 2021, sec. 2.5): the logit scale is a learned log-parameter,
 # initialised to log(1 / 0.07) and clipped so the scale never exceeds 100.
 CLIP_INIT_LOGIT_SCALE = math.log(1.0 / 0.07)
@@ -44,13 +50,16 @@ def _check_features(owner: str, name: str, x: Any,
 
 def l2_normalize(x: jax.typing.ArrayLike, *, axis: int = -1,
                  eps: float = 1e-8) -> jax.Array:
-  r"""``x / max(||x||, eps)`` along ``axis``, in float32, written to be safe at 0.
+  r"""``x / max(||x||, eps)`` along ``axis`` (in float32 or wider), safe at 0.
 
-  Computed as ``x * rsqrt(max(sum(x**2), eps**2))``: no division, and at ``x = 0`` the
-  ``max`` picks the constant, so both the value (0) and the gradient (``1 / eps``) are
-  finite. For ``||x|| >= eps`` this is exactly ``torch.nn.functional.normalize(x,
-  eps=eps)``. Norms above ~1.8e19 overflow ``sum(x**2)`` in float32 (the result is
-  then 0): scale such inputs first.
+  Computed as ``(x / s) * rsqrt(max(sum((x / s)**2), (eps / s)**2))`` with ``s`` the
+  power of two of the largest ``|x_i|`` (held constant for the gradient): at ``x = 0``
+  the ``max`` picks the constant, so both the value (0) and the gradient (``1 / eps``)
+  are finite, and norms anywhere in the float range are exact (an unscaled
+  ``sum(x**2)`` overflows above ~1.8e19 in float32, and the bf16 maximum 3.4e38 is a
+  valid feature value). For ``||x|| >= eps`` this is ``torch.nn.functional.normalize(x,
+  eps=eps)``, except that for entries below ``eps / 1.8e19`` in float32 (5e-28 at the
+  default ``eps``) the result is 0 instead of ``x / eps`` (< 1e-19).
 
   Args:
     x: floating array.
@@ -58,12 +67,34 @@ def l2_normalize(x: jax.typing.ArrayLike, *, axis: int = -1,
     eps: smallest norm divided by (> 0).
 
   Returns:
-    float32 array of ``x.shape``.
+    array of ``x.shape``, float32 (float64 for float64 ``x``).
   """
-  check_real("l2_normalize", "eps", eps, lo=0.0, lo_open=True)
-  x = jnp.asarray(x).astype(jnp.float32)
-  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  return x * lax.rsqrt(jnp.maximum(sq, jnp.square(jnp.float32(eps))))
+  owner = "l2_normalize"
+  check_hyper(owner, "eps", eps, lo=0.0, lo_open=True)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{owner}: `x` must be a floating array, got dtype {x.dtype}")
+  if x.ndim == 0:
+    raise ValueError(f"{owner}: `x` must have at least 1 dimension, got a scalar")
+  if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not (
+      -x.ndim <= axis < x.ndim):
+    raise ValueError(f"{owner}: `axis` must be an integer in [-{x.ndim}, {x.ndim}), got "
+                     f"{axis!r}")
+  dtype = compute_dtype(x)
+  x = x.astype(dtype)
+  # x / max(||x||, eps) is invariant to scaling x and eps by the same s > 0: with s the
+  # power of two of the largest |x_i| (a constant for autodiff; exact to divide by, and
+  # kept where 1 / s is a normal float, which XLA:CPU would otherwise flush to 0),
+  # sum((x / s)**2) is in [1/4, 16 n], so norms anywhere in the float range neither
+  # overflow (||x|| > 1.8e19 would, squared, in float32) nor underflow.
+  amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+  info = jnp.finfo(dtype)
+  _, exponent = jnp.frexp(jnp.where(jnp.isfinite(amax), amax, 0.0))
+  exponent = jnp.clip(exponent, info.minexp + 1, info.maxexp - 2)
+  s = lax.stop_gradient(jnp.ldexp(jnp.ones((), dtype), exponent))
+  xs = x / s
+  sq = jnp.sum(jnp.square(xs), axis=axis, keepdims=True)
+  return xs * lax.rsqrt(jnp.maximum(sq, jnp.square(jnp.asarray(eps, dtype) / s)))
 
 
 def pairwise_cosine_similarity(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike, *,
@@ -71,7 +102,8 @@ def pairwise_cosine_similarity(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike,
   r"""Cosine similarity of every row of ``a`` with every row of ``b``:
   ``S_ij = <a_i, b_j> / (||a_i|| ||b_j||)``.
 
-  ``a`` is ``[N, D]`` and ``b`` is ``[M, D]``; the result is float32 ``[N, M]`` (the
+  ``a`` is ``[N, D]`` and ``b`` is ``[M, D]``; the result is float32 (float64 for
+  float64 inputs) ``[N, M]`` (the
   similarity matrix of the contrastive losses). Each row is normalised by
   :func:`l2_normalize` (so a zero row has similarity 0 to everything, never NaN). Not
   ``optax.losses.cosine_similarity(predictions, targets)``, which compares matched rows
@@ -79,6 +111,7 @@ def pairwise_cosine_similarity(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike,
   l2_normalize(b), -1)`` here.
   """
   owner = "pairwise_cosine_similarity"
+  check_hyper(owner, "eps", eps, lo=0.0, lo_open=True)
   a = _check_features(owner, "a", a, 2)
   b = _check_features(owner, "b", b, 2)
   if a.shape[-1] != b.shape[-1]:
@@ -92,7 +125,13 @@ def _reduce_rows(losses: jax.Array, reduction: str) -> jax.Array:
     return losses
   if reduction == "sum":
     return jnp.sum(losses)
-  return jnp.mean(losses)
+  # max(B, 1): an empty batch has mean 0.0 (zero gradient), not 0/0.
+  return jnp.sum(losses) / max(losses.shape[0], 1)
+
+
+def _row_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """``-log softmax(logits)[i, targets[i]]`` per row (``_common.softmax_nll``)."""
+  return softmax_nll(logits, targets)[0]
 
 
 def info_nce(
@@ -131,10 +170,12 @@ def info_nce(
     eps: the normalisation floor of :func:`l2_normalize`.
 
   Returns:
-    float32 scalar, or ``[B]`` for ``reduction="none"``.
+    scalar, or ``[B]`` for ``reduction="none"`` (float32; float64 for float64 inputs).
+    An empty batch gives 0.0 (``"mean"``).
   """
   owner = "info_nce"
-  check_real(owner, "temperature", temperature, lo=0.0, lo_open=True)
+  check_hyper(owner, "temperature", temperature, lo=0.0, lo_open=True)
+  check_hyper(owner, "eps", eps, lo=0.0, lo_open=True)
   check_choice(owner, "reduction", reduction, REDUCTIONS)
   query = _check_features(owner, "query", query, 2)
   positive = _check_features(owner, "positive", positive, 2)
@@ -154,8 +195,8 @@ def info_nce(
     neg = jnp.einsum("bd,bkd->bk", q, n, precision=_PRECISION)
   else:
     neg = jnp.matmul(q, n.T, precision=_PRECISION)
-  logits = jnp.concatenate([pos, neg], axis=-1) / jnp.asarray(temperature, jnp.float32)
-  losses = jax.nn.logsumexp(logits, axis=-1) - logits[:, 0]
+  logits = jnp.concatenate([pos, neg], axis=-1) / jnp.asarray(temperature, q.dtype)
+  losses = _row_nll(logits, jnp.zeros((batch,), jnp.int32))
   return _reduce_rows(losses, reduction)
 
 
@@ -163,6 +204,8 @@ def _in_batch_ce(a: jax.Array, b: jax.Array, scale: jax.Array, symmetric: bool,
                  axis_name: Hashable | None) -> jax.Array:
   """Mean over the (global) batch of CE(scale * a_i . b_j, target j = i)."""
   n_local = a.shape[0]
+  if n_local == 0:   # equal shards: every device's batch is empty; no class to normalise
+    return jnp.zeros((), a.dtype)
   if axis_name is None:
     a_all, b_all, offset, n_global = a, b, 0, n_local
   else:
@@ -179,15 +222,15 @@ def _in_batch_ce(a: jax.Array, b: jax.Array, scale: jax.Array, symmetric: bool,
 
   def ce_sum(x, y_all):
     logits = scale * jnp.matmul(x, y_all.T, precision=_PRECISION)
-    z_y = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - z_y)
+    return jnp.sum(_row_nll(logits, targets))
 
   total = ce_sum(a, b_all)
   if symmetric:
     total = 0.5 * (total + ce_sum(b, a_all))
   if axis_name is not None:
     total = lax.psum(total, axis_name)
-  return total / n_global
+  # max(n, 1): an empty batch gives 0.0 with zero gradient, not 0/0 (cross_entropy's rule).
+  return total / max(n_global, 1)
 
 
 def _check_pair(owner: str, a: Any, b: Any) -> tuple[jax.Array, jax.Array]:
@@ -248,14 +291,15 @@ def in_batch_info_nce(
     eps: the normalisation floor of :func:`l2_normalize`.
 
   Returns:
-    A float32 scalar.
+    A scalar, float32 (float64 for float64 inputs); 0.0 for an empty batch.
   """
   owner = "in_batch_info_nce"
-  check_real(owner, "temperature", temperature, lo=0.0, lo_open=True)
-  check_choice(owner, "symmetric", symmetric, (True, False))
+  check_hyper(owner, "temperature", temperature, lo=0.0, lo_open=True)
+  check_hyper(owner, "eps", eps, lo=0.0, lo_open=True)
+  check_flag(owner, "symmetric", symmetric)
   a, b = _check_pair(owner, a, b)
   a, b = l2_normalize(a, eps=eps), l2_normalize(b, eps=eps)
-  scale = 1.0 / jnp.asarray(temperature, jnp.float32)
+  scale = 1.0 / jnp.asarray(temperature, a.dtype)
   return _in_batch_ce(a, b, scale, bool(symmetric), axis_name)
 
 
@@ -297,17 +341,15 @@ def clip_loss(
     eps: the normalisation floor of :func:`l2_normalize`.
 
   Returns:
-    A float32 scalar.
+    A scalar, float32 (float64 for float64 inputs); 0.0 for an empty batch.
   """
   owner = "clip_loss"
-  check_real(owner, "logit_scale", logit_scale)
-  check_real(owner, "max_logit_scale", max_logit_scale)
+  check_hyper(owner, "logit_scale", logit_scale)
+  check_hyper(owner, "max_logit_scale", max_logit_scale)
+  check_hyper(owner, "eps", eps, lo=0.0, lo_open=True)
   a, b = _check_pair(owner, a, b)
   logit_scale = jnp.asarray(logit_scale)
-  if logit_scale.ndim != 0:
-    raise ValueError(f"{owner}: `logit_scale` must be a scalar, got shape "
-                     f"{logit_scale.shape}")
-  logit_scale = logit_scale.astype(jnp.float32)
+  logit_scale = logit_scale.astype(compute_dtype(a, b, logit_scale))
   # where, not minimum: exactly at the clamp (where open_clip's in-place clamp leaves the
   # parameter) the gradient is the full one, as torch.clamp's, not minimum's half.
   scale = jnp.exp(jnp.where(logit_scale > max_logit_scale, max_logit_scale, logit_scale))

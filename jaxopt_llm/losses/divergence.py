@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_llm._validation import check_choice
-from jaxopt_llm.losses._common import REDUCTIONS, as_mask, check_floating, reduce_masked
+from jaxopt_llm.losses._common import (
+    REDUCTIONS, as_mask, check_floating, compute_dtype, reduce_masked)
 
 
 def _row_mask(owner: str, logits: jax.Array, where: Any | None) -> jax.Array:
@@ -20,10 +21,10 @@ def _row_mask(owner: str, logits: jax.Array, where: Any | None) -> jax.Array:
   return as_mask(owner, where, logits.shape[:-1])
 
 
-def _masked_log_softmax(logits: jax.Array, rows: jax.Array) -> jax.Array:
+def _masked_log_softmax(logits: jax.Array, rows: jax.Array, dtype: Any) -> jax.Array:
   # Masked-out rows are replaced by zeros first, so a fully -inf (or NaN) row that the
   # caller excluded cannot produce NaN through lse = -inf.
-  logits = jnp.where(rows[..., None], logits.astype(jnp.float32), 0.0)
+  logits = jnp.where(rows[..., None], logits.astype(dtype), 0.0)
   return jax.nn.log_softmax(logits, axis=-1)
 
 
@@ -51,7 +52,8 @@ def kl_divergence_from_logits(
 
     KL(p || q) = sum_c p_c * (log p_c - log q_c)
 
-  with ``log p``, ``log q`` from ``jax.nn.log_softmax`` in float32. Classes with
+  with ``log p``, ``log q`` from ``jax.nn.log_softmax`` in float32 (float64 for float64
+  logits). Classes with
   ``p_c == 0`` (``p_logits`` of ``-inf``, or underflow) contribute exactly 0 with zero
   gradient. Where ``p_c > 0`` but ``q_c == 0`` the divergence is ``+inf``, as it should
   be. Equal to ``torch.nn.functional.kl_div(log_q, log_p, log_target=True,
@@ -69,7 +71,7 @@ def kl_divergence_from_logits(
       where ``where`` is True (0.0 if there are none), or ``"sum"``.
 
   Returns:
-    float32 ``[...]`` or a float32 scalar.
+    ``[...]`` or a scalar, float32 (float64 for float64 logits).
   """
   owner = "kl_divergence_from_logits"
   check_choice(owner, "reduction", reduction, REDUCTIONS)
@@ -81,8 +83,9 @@ def kl_divergence_from_logits(
     raise ValueError(f"{owner}: `q_logits` must have the shape of p_logits "
                      f"{p_logits.shape}, got {q_logits.shape}")
   rows = _row_mask(owner, p_logits, where)
-  log_p = _masked_log_softmax(p_logits, rows)
-  log_q = _masked_log_softmax(q_logits, rows)
+  dtype = compute_dtype(p_logits, q_logits)
+  log_p = _masked_log_softmax(p_logits, rows, dtype)
+  log_q = _masked_log_softmax(q_logits, rows, dtype)
   # Support by p > 0, not log_p > -inf: a p that underflows to 0 must not meet a
   # log q of -inf as 0 * inf.
   support = jnp.exp(log_p) > 0
@@ -98,7 +101,8 @@ def entropy(
 ) -> jax.Array:
   r"""Shannon entropy ``H(p) = -sum_c p_c log p_c`` of ``p = softmax(logits)`` (nats).
 
-  Computed from ``jax.nn.log_softmax`` in float32. Classes with ``p_c == 0``
+  Computed from ``jax.nn.log_softmax`` in float32 (float64 for float64 logits). Classes
+  with ``p_c == 0``
   (``-inf`` logits) contribute exactly 0 with zero gradient, so a masked vocabulary is
   safe. A uniform distribution over ``V`` classes gives ``log V``.
 
@@ -110,14 +114,14 @@ def entropy(
       True (0.0 if there are none), or ``"sum"``.
 
   Returns:
-    float32 ``[...]`` or a float32 scalar.
+    ``[...]`` or a scalar, float32 (float64 for float64 logits).
   """
   owner = "entropy"
   check_choice(owner, "reduction", reduction, REDUCTIONS)
   logits = jnp.asarray(logits)
   check_floating(owner, "logits", logits)
   rows = _row_mask(owner, logits, where)
-  log_p = _masked_log_softmax(logits, rows)
+  log_p = _masked_log_softmax(logits, rows, compute_dtype(logits))
   support = jnp.exp(log_p) > 0
   h = jnp.where(rows, -_p_times(log_p, log_p, support), 0.0)
   return reduce_masked(h, rows, reduction)

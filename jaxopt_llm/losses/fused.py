@@ -25,10 +25,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxopt_llm._shard_map import as_varying, tree_varying_axes, varying_axes
-from jaxopt_llm._validation import check_choice, check_int, check_real
+from jaxopt_llm._validation import check_choice, check_int
 from jaxopt_llm.losses._common import (
-    REDUCTIONS, check_floating, is_concrete_zero, label_log_probs, token_loss,
-    validated_labels)
+    REDUCTIONS, check_flag, check_floating, check_hyper, compute_dtype, is_concrete_zero,
+    masked_log_probs, softmax_nll_parts, softmax_probs, token_loss, validated_labels)
 
 # Default chunk: the most tokens whose float32 [C, V] logits block fits in a byte budget,
 # rounded down to a multiple of 128 (a power of two below 128). Two such blocks are alive
@@ -59,6 +59,11 @@ def default_chunk_size(num_tokens: int, vocab_size: int, backend: str | None = N
   ``jax.default_backend()``), rounded down to a multiple of 128 (to a power of two
   below 128); at least 16 and at most ``num_tokens``.
   """
+  owner = "default_chunk_size"
+  check_int(owner, "num_tokens", num_tokens, lo=0)
+  check_int(owner, "vocab_size", vocab_size, lo=1)
+  if backend is not None and not isinstance(backend, str):
+    raise ValueError(f"{owner}: `backend` must be a platform name or None, got {backend!r}")
   backend = jax.default_backend() if backend is None else backend
   budget = _CHUNK_BYTES.get(backend, _CHUNK_BYTES_ACCELERATOR)
   rows = max(budget // (4 * max(vocab_size, 1)), 1)
@@ -97,21 +102,25 @@ class _Need:
 
 
 class _Hyper(NamedTuple):
-  eps: jax.Array    # label smoothing, float32 scalar
-  zl: jax.Array     # z-loss weight, float32 scalar
-  cap: jax.Array    # logit soft-cap, float32 scalar (unused when _Static.softcap is False)
+  """Scalars in the compute dtype (float32, or float64 for float64 inputs)."""
+  eps: jax.Array    # label smoothing
+  zl: jax.Array     # z-loss weight
+  cap: jax.Array    # logit soft-cap (unused when _Static.softcap is False)
 
 
 def _sweep(st: _Static, hidden: jax.Array, kernel: jax.Array, bias: jax.Array | None,
            labels: jax.Array, live: jax.Array, bad: jax.Array, hyper: _Hyper, *,
            loss_mode: str | None, need: _Need, weight: jax.Array | None = None,
-           lse: jax.Array | None = None) -> dict[str, jax.Array]:
+           stats: tuple[jax.Array, ...] | None = None) -> dict[str, jax.Array]:
   """One pass over the token chunks.
 
-  Computes per chunk the float32 logits ``z = softcap(h @ W + b)`` once and from them
-  what is asked: the summed loss (``loss_mode="sum"``), per-token losses and logsumexp
-  (``"tokens"``), and the gradients (``need``) of ``sum_i weight_i * loss_i``. ``lse``,
-  when given, is reused instead of recomputed.
+  Computes per chunk the logits ``z = softcap(h @ W + b)`` (in the compute dtype: float32,
+  float64 for float64 inputs) once and from them what is asked: the summed loss
+  (``loss_mode="sum"``), per-token losses, logsumexp and label gradients ``p_y - 1``
+  (``"tokens"``), and the gradients (``need``) of ``sum_i weight_i * loss_i``. ``stats``
+  (per token: the max logit, ``sum_c exp(z_c - max)`` and ``p_y - 1``), when given, is
+  reused instead of recomputed. The per-token loss is ``_common.softmax_nll_parts``'
+  (exact for tiny losses) on each complete ``[chunk, V]`` block of logits.
 
   Chunk ``i`` starts at ``min(i * C, N - C)``: when C does not divide N the last chunk
   overlaps the one before, and its rows below ``i * C`` (already done) are masked out. So
@@ -122,8 +131,9 @@ def _sweep(st: _Static, hidden: jax.Array, kernel: jax.Array, bias: jax.Array | 
   c = st.chunk
   n_chunks = -(-n // c)
   cdt = jnp.result_type(hidden.dtype, kernel.dtype)
+  acc = compute_dtype(hidden, kernel, bias)
   w_mat = kernel.astype(cdt)
-  b32 = None if bias is None else bias.astype(jnp.float32)
+  b_acc = None if bias is None else bias.astype(acc)
   eps, zl, cap = hyper
 
   def body(i, carry):
@@ -133,21 +143,26 @@ def _sweep(st: _Static, hidden: jax.Array, kernel: jax.Array, bias: jax.Array | 
     fresh = rows >= i * c
     live_c = take(live) & fresh
     y_c = take(labels)
-    bad_c = take(bad)
+    bad_c = take(bad) & live_c
     # Zeroing rows that do not count keeps their (possibly inf/NaN) hidden states out of
     # the logits and the kernel gradient, where 0 * NaN would otherwise leak in; their
     # logits are then just the bias, finite, and their loss and weight are masked to 0.
     h_c = jnp.where(live_c[:, None], take(hidden).astype(cdt), 0)
-    u = jnp.dot(h_c, w_mat, preferred_element_type=jnp.float32)
-    if b32 is not None:
-      u = u + b32
+    u = jnp.dot(h_c, w_mat, preferred_element_type=acc)
+    if b_acc is not None:
+      u = u + b_acc
     z = cap * jnp.tanh(u / cap) if st.softcap else u
-    lse_c = jax.nn.logsumexp(z, axis=-1) if lse is None else take(lse)
+    if stats is None:
+      parts = softmax_nll_parts(z, y_c)
+      top, total, label_grad = parts.top, parts.total, parts.label_grad
+    else:
+      top, total, label_grad = (take(x) for x in stats)
+    lse_c = top + jnp.log(total)
     out = dict(carry)
 
     if loss_mode is not None:
       # cross_entropy's per-token loss, row by row.
-      log_p = label_log_probs(z, y_c, lse_c, live_c, bad_c)
+      log_p = masked_log_probs(parts.nll, live_c, bad_c)
       loss = token_loss(z, log_p, lse_c, live_c,
                         label_smoothing=eps if st.smoothing else None,
                         z_loss=zl if st.zloss else None)
@@ -155,21 +170,24 @@ def _sweep(st: _Static, hidden: jax.Array, kernel: jax.Array, bias: jax.Array | 
         out["loss"] = carry["loss"] + jnp.sum(loss)
       else:
         out["loss"] = _write_rows(carry["loss"], loss, start, fresh)
-        out["lse"] = _write_rows(carry["lse"], lse_c, start, fresh)
+        for k, x in (("top", top), ("total", total), ("label_grad", label_grad)):
+          out[k] = _write_rows(carry[k], x, start, fresh)
 
     if need.any:
-      # dloss/dz = (a + eps + 2 zl lse) softmax(z) - a onehot(y) - eps / V, a = 1 - eps;
-      # a = 0 for a bad (out-of-range) label, whose NaN value carries no nll gradient,
-      # exactly as in cross_entropy.
+      # dloss/dz = (a + eps + 2 zl lse) softmax(z) - a onehot(y) - eps / V, a = 1 - eps.
+      # At the label that is a (p_y - 1) + (eps + 2 zl lse) p_y with p_y - 1 =
+      # label_grad, exact where p_y ~ 1 (as cross_entropy's). A bad (out-of-range) label
+      # has a = NaN: its row's gradient is NaN, like its loss, exactly as cross_entropy.
       w_c = jnp.where(live_c, take(weight), 0.0)
-      one = jnp.float32(1.0)
-      a = jnp.where(bad_c, 0.0, (one - eps) if st.smoothing else one)
-      coef_p = a + eps if st.smoothing else a
+      one = jnp.ones((), acc)
+      a = jnp.where(bad_c, jnp.nan, (one - eps) if st.smoothing else one)
+      extra = eps if st.smoothing else jnp.zeros((), acc)
       if st.zloss:
-        coef_p = coef_p + 2.0 * zl * lse_c
-      p = jnp.exp(z - lse_c[:, None])
+        extra = extra + 2.0 * (zl * lse_c)
+      p = softmax_probs(z, top, total)
       onehot = lax.broadcasted_iota(jnp.int32, z.shape, 1) == y_c[:, None]
-      g = p * (w_c * coef_p)[:, None] - jnp.where(onehot, (w_c * a)[:, None], 0.0)
+      at_label = w_c * (a * label_grad + extra * (1.0 + label_grad))
+      g = jnp.where(onehot, at_label[:, None], p * (w_c * (a + extra))[:, None])
       if st.smoothing:
         g = g - (w_c * eps / vocab)[:, None]
       if st.softcap:   # d(c tanh(u / c))/du = 1 - tanh(u / c)^2
@@ -186,32 +204,33 @@ def _sweep(st: _Static, hidden: jax.Array, kernel: jax.Array, bias: jax.Array | 
 
   init: dict[str, jax.Array] = {}
   if loss_mode == "sum":
-    init["loss"] = jnp.zeros((), jnp.float32)
+    init["loss"] = jnp.zeros((), acc)
   elif loss_mode == "tokens":
-    init["loss"] = jnp.zeros((n,), jnp.float32)
-    init["lse"] = jnp.zeros((n,), jnp.float32)
+    init["loss"] = jnp.zeros((n,), acc)
+    for k in ("top", "total", "label_grad"):
+      init[k] = jnp.zeros((n,), acc)
   if need.hidden:
     init["dh"] = jnp.zeros((n, d), hidden.dtype)
   if need.kernel:
-    init["dw"] = jnp.zeros((d, vocab), jnp.float32)
+    init["dw"] = jnp.zeros((d, vocab), acc)
   if need.bias:
-    init["db"] = jnp.zeros((vocab,), jnp.float32)
+    init["db"] = jnp.zeros((vocab,), acc)
   # Inside shard_map a loop carry must already vary over the axes its updates vary
   # over (the per-device hidden states), or lax.fori_loop rejects it.
-  varying = tree_varying_axes(hidden, kernel, bias, labels, live, bad, hyper, weight, lse)
+  varying = tree_varying_axes(hidden, kernel, bias, labels, live, bad, hyper, weight, stats)
   return lax.fori_loop(0, n_chunks, body, as_varying(init, varying))
 
 
 def _add_kernel_grad(acc: jax.Array, h_c: jax.Array, g_c: jax.Array,
                      block: int) -> jax.Array:
-  """``acc + h_c^T @ g_c`` ([d, V], float32), in vocabulary blocks of ``block`` columns.
+  """``acc + h_c^T @ g_c`` ([d, V], acc's dtype), in vocabulary blocks of ``block`` columns.
 
   Blocks overlap at the end like the token chunks: the last starts at ``V - block`` and
   only its columns not yet done are added.
   """
   def product(g):
     return lax.dot_general(h_c, g, (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+                           preferred_element_type=acc.dtype)
 
   vocab = acc.shape[1]
   if block >= vocab:
@@ -264,11 +283,12 @@ def _fused_fwd(st, hidden, kernel, bias, labels, live, bad, denom, hyper):
             frozenset() if bias is None else varying_axes(bias)),
       dtypes=(hidden.dtype, kernel.dtype, None if bias is None else bias.dtype))
   if st.reduction == "none":
-    # The cotangent is per token and unknown yet: keep O(N) residuals (the logsumexp)
+    # The cotangent is per token and unknown yet: keep O(N) residuals (the softmax stats)
     # and recompute the logits chunk by chunk in the backward pass.
     out = _sweep(st, hidden, kernel, bias, labels, live, bad, hyper, loss_mode="tokens",
                  need=_Need(False, False, False))
-    return out["loss"], (need, hidden, kernel, bias, labels, live, bad, hyper, out["lse"])
+    return out["loss"], (need, hidden, kernel, bias, labels, live, bad, hyper,
+                         (out["top"], out["total"], out["label_grad"]))
   # A scalar loss: its gradients differ from the final ones only by the scalar cotangent,
   # so compute them now from the same logits chunk that gives the loss (3 matmuls per
   # chunk, as the unfused path, instead of 4 with a recompute) and keep them, input-sized,
@@ -286,10 +306,11 @@ def _fused_fwd(st, hidden, kernel, bias, labels, live, bad, denom, hyper):
 
 def _finish(x: jax.Array | None, dtype, axes: frozenset,
             g: jax.Array | None = None) -> jax.Array | None:
-  """Scales a float32 gradient by ``g``, sums it over extra shard_map axes, casts it."""
+  """Scales a gradient by ``g`` (in float32 or wider), sums it over extra shard_map axes,
+  casts it to ``dtype``."""
   if x is None:
     return None
-  x = x.astype(jnp.float32)
+  x = x.astype(compute_dtype(x))
   if g is not None:
     x = g * x
   extra = varying_axes(x) - axes
@@ -303,12 +324,12 @@ def _fused_bwd(st, res, ct):
   if isinstance(ct, jax.custom_derivatives.SymbolicZero) or not need.any:
     return (None,) * 8
   if st.reduction == "none":
-    _, hidden, kernel, bias, labels, live, bad, hyper, lse = res
+    _, hidden, kernel, bias, labels, live, bad, hyper, stats = res
     out = _sweep(st, hidden, kernel, bias, labels, live, bad, hyper, loss_mode=None,
-                 need=need, weight=ct.astype(jnp.float32), lse=lse)
+                 need=need, weight=ct.astype(compute_dtype(ct, stats[0])), stats=stats)
     grads, g = (out.get("dh"), out.get("dw"), out.get("db")), None
   else:
-    grads, g = res[1], ct.astype(jnp.float32)
+    grads, g = res[1], ct.astype(compute_dtype(ct))
   dh, dw, db = (_finish(x, dt, ax, g)
                 for x, dt, ax in zip(grads, need.dtypes, need.axes))
   return dh, dw, db, None, None, None, None, None
@@ -341,10 +362,14 @@ def fused_linear_cross_entropy(
     loss = (1 - eps) * (lse - z_y) + eps * (lse - mean_c z_c) + z_loss * lse**2
 
   with the same masking (``ignore_index``, ``where``), reductions (PyTorch's ``mean``
-  over counted tokens; 0.0 and zero gradients when none counts) and bad-input behaviour
-  (out-of-range labels: ``ValueError`` eagerly, NaN or a checkify check with
-  ``validate=True`` under jit). Value and gradients equal the unfused computation up to
-  float rounding.
+  over counted tokens; 0.0 and zero gradients when none counts or the batch is empty),
+  bad-input behaviour (out-of-range labels: ``ValueError`` eagerly; under jit a NaN
+  loss *and* NaN gradients, or a checkify check with ``validate=True``) and numerics
+  (``_common.softmax_nll`` on each ``[chunk, V]`` block: a tiny loss keeps its relative
+  precision, e.g. 8.4045e-6 for logits ``[100, 88, 87]``, and so does the label entry
+  ``p_y - 1`` of its gradient; at logits up to the bf16 maximum the loss is ``+inf``
+  where the true value exceeds float32, never NaN, and the gradients stay finite).
+  Value and gradients equal the unfused computation up to float rounding.
 
   How: the tokens are processed ``chunk_size`` at a time in a ``lax.fori_loop``; only a
   ``[chunk_size, V]`` block of float32 logits (and its gradient) is alive at once. The
@@ -362,7 +387,10 @@ def fused_linear_cross_entropy(
 
   Matmuls run in the inputs' dtype with float32 accumulation
   (``preferred_element_type``); the softmax, the loss and the ``kernel``/``bias``
-  gradient accumulators are float32, and gradients are returned in the inputs' dtypes.
+  gradient accumulators are float32 (all float64 when an input is float64, under
+  ``jax_enable_x64``), and gradients are returned in the inputs' dtypes. Inputs whose
+  products ``hidden @ kernel`` overflow float32 give inf/NaN logits, as any float32
+  matmul would.
   Differentiable in reverse mode, also twice (reverse-over-reverse, and forward-over-
   reverse Hessian-vector products); plain forward mode (``jvp`` of the loss) is not
   defined for a ``custom_vjp``. Gradients with respect to ``label_smoothing``,
@@ -401,21 +429,25 @@ def fused_linear_cross_entropy(
       out-of-range labels under jit).
 
   Returns:
-    A float32 scalar, or float32 ``labels.shape`` for ``reduction="none"``.
+    A scalar, or ``labels.shape`` for ``reduction="none"``; float32 (float64 when an
+    input is float64).
 
   Raises:
     ValueError: naming the argument, for a bad ``reduction``, ``label_smoothing``,
-      ``z_loss``, ``chunk_size``, ``logit_soft_cap``, dtypes or shapes of ``hidden`` /
-      ``kernel`` / ``bias`` / ``labels`` / ``where``, or (eagerly) out-of-range labels.
+      ``z_loss``, ``chunk_size``, ``logit_soft_cap``, ``validate``, dtypes or shapes of
+      ``hidden`` / ``kernel`` / ``bias`` / ``labels`` / ``where``, or (eagerly)
+      out-of-range labels.
+    TypeError: naming the argument, for a string or other non-number hyperparameter.
   """
   owner = "fused_linear_cross_entropy"
   check_choice(owner, "reduction", reduction, REDUCTIONS)
-  check_real(owner, "label_smoothing", label_smoothing, lo=0.0, hi=1.0)
-  check_real(owner, "z_loss", z_loss, lo=0.0)
+  check_hyper(owner, "label_smoothing", label_smoothing, lo=0.0, hi=1.0)
+  check_hyper(owner, "z_loss", z_loss, lo=0.0)
   if chunk_size is not None:
     check_int(owner, "chunk_size", chunk_size, lo=1)
   if logit_soft_cap is not None:
-    check_real(owner, "logit_soft_cap", logit_soft_cap, lo=0.0, lo_open=True)
+    check_hyper(owner, "logit_soft_cap", logit_soft_cap, lo=0.0, lo_open=True)
+  check_flag(owner, "validate", validate)
 
   hidden = jnp.asarray(hidden)
   kernel = jnp.asarray(kernel)
@@ -437,28 +469,30 @@ def fused_linear_cross_entropy(
       owner, labels, batch_shape, vocab, ignore_index=ignore_index, where=where,
       validate=validate, labels_name="labels", shape_name="hidden.shape[:-1]")
 
+  acc = compute_dtype(hidden, kernel, bias)
   n = math.prod(batch_shape)
   if n == 0:
-    return jnp.zeros(batch_shape if reduction == "none" else (), jnp.float32)
+    return jnp.zeros(batch_shape if reduction == "none" else (), acc)
   backend = jax.default_backend()
   chunk = default_chunk_size(n, vocab, backend) if chunk_size is None else min(chunk_size, n)
   block_bytes = KERNEL_GRAD_BLOCK_BYTES.get(backend)
-  vocab_block = vocab if block_bytes is None else max(block_bytes // (4 * kernel.shape[0]), 1)
+  vocab_block = (vocab if block_bytes is None
+                 else max(block_bytes // (4 * max(kernel.shape[0], 1)), 1))
 
   st = _Static(
       chunk=chunk, reduction=reduction,
       smoothing=not is_concrete_zero(label_smoothing),
       zloss=not is_concrete_zero(z_loss),
       softcap=logit_soft_cap is not None, vocab_block=min(vocab_block, vocab))
-  hyper = _Hyper(jnp.asarray(label_smoothing, jnp.float32), jnp.asarray(z_loss, jnp.float32),
-                 jnp.asarray(1.0 if logit_soft_cap is None else logit_soft_cap, jnp.float32))
+  hyper = _Hyper(jnp.asarray(label_smoothing, acc), jnp.asarray(z_loss, acc),
+                 jnp.asarray(1.0 if logit_soft_cap is None else logit_soft_cap, acc))
   live = live.reshape(n)
   if reduction == "mean":
     # max(count, 1): an all-ignored batch gives 0.0 with zero gradients (as
     # reduce_masked).
-    denom = jnp.maximum(jnp.sum(live, dtype=jnp.float32), 1.0)
+    denom = jnp.maximum(jnp.sum(live, dtype=acc), 1.0)
   else:
-    denom = jnp.ones((), jnp.float32)
+    denom = jnp.ones((), acc)
   out = _fused(st, hidden.reshape(n, hidden.shape[-1]), kernel, bias,
                safe_labels.reshape(n), live, bad.reshape(n), denom, hyper)
   return out.reshape(batch_shape) if reduction == "none" else out

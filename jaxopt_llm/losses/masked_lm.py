@@ -11,7 +11,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxopt_llm._validation import check_int, check_real, is_concrete
+from jaxopt_llm._validation import check_int, is_concrete
+from jaxopt_llm.losses._common import check_hyper, token_cross_entropy
 from jaxopt_llm.losses.cross_entropy import cross_entropy
 
 
@@ -62,9 +63,9 @@ def mask_tokens(
   check_int(owner, "mask_token_id", mask_token_id, lo=0)
   check_int(owner, "vocab_size", vocab_size, lo=1)
   check_int(owner, "ignore_index", ignore_index)
-  check_real(owner, "mask_prob", mask_prob, lo=0.0, hi=1.0)
-  check_real(owner, "replace_prob", replace_prob, lo=0.0, hi=1.0)
-  check_real(owner, "random_prob", random_prob, lo=0.0, hi=1.0)
+  check_hyper(owner, "mask_prob", mask_prob, lo=0.0, hi=1.0)
+  check_hyper(owner, "replace_prob", replace_prob, lo=0.0, hi=1.0)
+  check_hyper(owner, "random_prob", random_prob, lo=0.0, hi=1.0)
   if is_concrete(replace_prob) and is_concrete(random_prob):
     # The slack lets e.g. 0.8 + 0.2 through: 1.0 - 0.8 is 0.19999999999999996 in floats.
     if float(replace_prob) + float(random_prob) > 1.0 + 1e-9:
@@ -106,7 +107,8 @@ def masked_lm_loss(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
 
   ``labels`` are those of :func:`mask_tokens`: the original token where a position was
   chosen, ``ignore_index`` elsewhere. The loss is exactly
-  :func:`~jaxopt_llm.losses.cross_entropy` with these labels (this function calls it),
+  :func:`~jaxopt_llm.losses.cross_entropy` with these labels (the same code, with this
+  function's name in error messages),
   so ``"mean"`` averages over the chosen positions of the whole batch (HF's
   ``BertForMaskedLM``), unchosen positions get zero loss and zero gradient, and a batch
   with no chosen position gives 0.0, not NaN.
@@ -121,4 +123,12 @@ def masked_lm_loss(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
   Returns:
     As :func:`~jaxopt_llm.losses.cross_entropy`.
   """
-  return cross_entropy(logits, labels, **kwargs)
+  owner = "masked_lm_loss"
+  # cross_entropy's own defaults (so the two cannot drift apart), its checks and formula,
+  # with this function's name in the error messages.
+  params = dict(cross_entropy.__kwdefaults__)
+  unknown = set(kwargs) - set(params)
+  if unknown:
+    raise TypeError(f"{owner}: unexpected keyword argument(s) {sorted(unknown)}")
+  params.update(kwargs)
+  return token_cross_entropy(owner, "labels", logits, labels, **params)

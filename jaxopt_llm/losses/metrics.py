@@ -3,10 +3,12 @@
 Every metric takes ``logits`` (``[..., V]``, any floating dtype), integer ``labels``
 (``[...]``), ``ignore_index`` and an optional boolean ``where`` of ``labels.shape``, with
 ``cross_entropy``'s masking: a token counts when ``label != ignore_index`` and ``where``
-is True there. They are float32 and jit-able. An all-ignored batch never gives NaN
-(accuracies 0.0, perplexity 1.0). A counted label outside ``[0, V)`` raises
-``ValueError`` in an eager call and gives NaN under ``jit``, as in
-:func:`~jaxopt_llm.losses.cross_entropy`.
+is True there. They compute in float32 (float64 for float64 logits) and are jit-able. An
+all-ignored or empty batch never gives NaN (accuracies 0.0, perplexity 1.0). A counted
+label outside ``[0, V)`` raises ``ValueError`` in an eager call and gives NaN under
+``jit``, as in :func:`~jaxopt_llm.losses.cross_entropy`; so do the log-probabilities
+(``perplexity``, ``length_normalized_score``: ``_common.softmax_nll``, exact for tiny
+losses).
 """
 from __future__ import annotations
 
@@ -14,20 +16,23 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxopt_llm._validation import check_int, check_real
+from jaxopt_llm._validation import check_int
 from jaxopt_llm.losses._common import (
-    Targets, reduce_masked, token_log_probs, validated_targets)
+    Targets, check_hyper, reduce_masked, token_log_probs, validated_targets)
 
 
 def _mean_indicator(correct: jax.Array, t: Targets) -> jax.Array:
-  # A bad label makes the metric NaN rather than a silently "wrong" prediction.
-  hits = jnp.where(t.bad, jnp.nan, correct.astype(jnp.float32))
+  # A bad label, or a NaN among a counted token's logits (whose argmax and rank mean
+  # nothing), makes the metric NaN rather than a silently "wrong" or "right" prediction.
+  undefined = t.bad | jnp.any(jnp.isnan(t.logits), axis=-1)
+  hits = jnp.where(undefined, jnp.nan, correct.astype(t.logits.dtype))
   return reduce_masked(jnp.where(t.valid, hits, 0.0), t.valid, "mean")
 
 
 def perplexity(logits: ArrayLike, labels: ArrayLike, *, ignore_index: int = -100,
                where: ArrayLike | None = None) -> jax.Array:
-  r"""Perplexity ``exp(mean_t(-log p(y_t)))`` over the counted tokens (a float32 scalar).
+  r"""Perplexity ``exp(mean_t(-log p(y_t)))`` over the counted tokens (a float32 scalar;
+  float64 for float64 logits).
 
   The mean is taken over all counted tokens of the batch together (a token-weighted
   corpus perplexity, not a mean of per-sequence perplexities). With no counted token
@@ -42,7 +47,7 @@ def perplexity(logits: ArrayLike, labels: ArrayLike, *, ignore_index: int = -100
 
 def token_accuracy(logits: ArrayLike, labels: ArrayLike, *, ignore_index: int = -100,
                    where: ArrayLike | None = None) -> jax.Array:
-  r"""Fraction of counted tokens with ``argmax_c z_c == y`` (a float32 scalar in [0, 1]).
+  r"""Fraction of counted tokens with ``argmax_c z_c == y`` (a float32 or float64 scalar in [0, 1]).
 
   ``argmax`` breaks ties towards the lowest class index (``jnp.argmax``), so with tied
   top logits this can differ from ``top_k_accuracy(..., k=1)``, which counts ties in the
@@ -67,7 +72,7 @@ def top_k_accuracy(logits: ArrayLike, labels: ArrayLike, k: int, *,
     k: integer >= 1 (the other arguments: see the module docstring).
 
   Returns:
-    A float32 scalar in [0, 1].
+    A float32 (float64 for float64 logits) scalar in [0, 1].
   """
   owner = "top_k_accuracy"
   if not isinstance(k, jax.core.Tracer):
@@ -101,16 +106,16 @@ def length_normalized_score(logits: ArrayLike, labels: ArrayLike, *,
     alpha: length-penalty exponent, >= 0.
 
   Returns:
-    float32 ``[...]``, one score per sequence.
+    float32 (float64 for float64 logits) ``[...]``, one score per sequence.
   """
   owner = "length_normalized_score"
-  check_real(owner, "alpha", alpha, lo=0.0)
+  check_hyper(owner, "alpha", alpha, lo=0.0)
   if jnp.ndim(labels) < 1:
     raise ValueError(f"{owner}: `labels` must have a time axis ([..., T]), got shape "
                      f"{jnp.shape(labels)}")
   t = validated_targets(owner, logits, labels, ignore_index=ignore_index, where=where)
   log_p, _ = token_log_probs(t)
   total = jnp.sum(log_p, axis=-1)
-  n = jnp.sum(t.valid, axis=-1, dtype=jnp.float32)
+  n = jnp.sum(t.valid, axis=-1, dtype=total.dtype)
   # max(n, 1) keeps 0**alpha (and 0/0) away; total is already 0 when n == 0.
-  return total / jnp.power(jnp.maximum(n, 1.0), jnp.asarray(alpha, jnp.float32))
+  return total / jnp.power(jnp.maximum(n, 1.0), jnp.asarray(alpha, total.dtype))

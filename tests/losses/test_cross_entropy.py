@@ -371,3 +371,113 @@ def test_causal_lm_loss_bad_input():
   # Jitted, the single-position case has no targets: mean over nothing is 0.
   chex.assert_trees_all_equal(jax.jit(causal_lm_loss)(logits[:, :1], ids[:, :1]),
                               jnp.float32(0.0))
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Numerics of issue 14: tiny losses, +-max bf16 logits, NaN gradients of bad labels.
+
+
+def _np_exact_nll(z, y):
+  """float64 ``-log softmax(z)_y`` as ``log1p(sum_{c != y} exp(z_c - z_y))``: exact for
+  tiny values (a float64 ``lse - z_y`` would already lose ~1e-9 of them)."""
+  z = np.asarray(z, np.float64)
+  y = np.asarray(y)
+  z_y = np.take_along_axis(z, y[..., None], -1)
+  others = np.where(np.arange(z.shape[-1]) == y[..., None], -np.inf, z - z_y)
+  m = np.maximum(others.max(-1), 0.0)  # shift for the rows where the label is not the max
+  rest = np.exp(others - m[..., None]).sum(-1)
+  # log1p where the label is the max (m == 0): float64 1 + 1e-12 would keep 4 digits.
+  return np.where(m == 0, np.log1p(rest), m + np.log(np.exp(-m) + rest))
+
+
+def test_tiny_loss_keeps_relative_precision():
+  # The issue's case: exact 8.40451e-6; logsumexp - z_y gave 7.63e-6 (9% off).
+  logits = jnp.asarray([[100.0, 88.0, 87.0]])
+  out = float(cross_entropy(logits, jnp.asarray([0])))
+  exact = float(_np_exact_nll(logits, [0])[0])
+  np.testing.assert_allclose(exact, 8.404506e-6, rtol=1e-6)
+  np.testing.assert_allclose(out, exact, rtol=1e-5)
+  # Many well-fit tokens (losses 1e-17 .. 1e-2) at logits of size 1e2 .. 1e3: each token's
+  # loss within 1e-4 of exact (float32 rounds the shifted logits z_c - max by ~1e-7).
+  rng = np.random.default_rng(0)
+  for scale in (1e2, 1e3):
+    z = rng.uniform(-1, 1, (64, 50)) * scale
+    y = rng.integers(0, 50, 64)
+    z[np.arange(64), y] = z.max(-1) + rng.uniform(7, 20, 64)
+    z = z.astype(np.float32)
+    out = cross_entropy(jnp.asarray(z), jnp.asarray(y), reduction="none")
+    exact = _np_exact_nll(z, y)
+    assert exact.max() < 1e-2 and exact.min() > 1e-30   # tiny, yet normal floats
+    np.testing.assert_allclose(np.asarray(out), exact, rtol=1e-4)
+
+
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-3),
+                                                    (0.2, 1e-2)])
+def test_gradient_is_softmax_minus_onehot_in_float64(label_smoothing, z_loss):
+  """Values and gradients of well-fit and badly-fit tokens, with ignored ones, against the
+  float64 equation; the label entry of a tiny loss's gradient (p_y - 1 ~ -1e-5) must keep
+  its relative precision too."""
+  rng = np.random.default_rng(1)
+  z = (rng.standard_normal((6, 9)) * 3).astype(np.float32)
+  y = rng.integers(0, 9, 6)
+  z[0, y[0]] = 100.0
+  z[0] = np.where(np.arange(9) == y[0], 100.0, 85.0 + z[0])   # p_y - 1 ~ -1e-5
+  y[3] = IGNORE
+  eps, zl = label_smoothing, z_loss
+  loss, grad = jax.value_and_grad(lambda x: cross_entropy(
+      x, jnp.asarray(y), label_smoothing=eps, z_loss=zl, reduction="sum"))(jnp.asarray(z))
+  z64 = z.astype(np.float64)
+  valid = y != IGNORE
+  ys = np.where(valid, y, 0)
+  m = z64.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(z64 - m).sum(-1, keepdims=True)))[:, 0]
+  p = np.exp(z64 - lse[:, None])
+  onehot = np.eye(9)[ys]
+  nll = _np_exact_nll(z64, ys)
+  ref_loss = np.where(valid, (1 - eps) * nll + eps * (lse - z64.mean(-1)) + zl * lse**2, 0)
+  ref_grad = ((1 - eps) * (p - onehot) + eps * (p - 1 / 9) + 2 * zl * lse[:, None] * p)
+  ref_grad = np.where(valid[:, None], ref_grad, 0.0)
+  np.testing.assert_allclose(float(loss), ref_loss.sum(), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-5, atol=1e-7)
+  if eps == 0 and zl == 0:   # the tiny label entry, relatively
+    np.testing.assert_allclose(float(grad[0, y[0]]), ref_grad[0, y[0]], rtol=1e-4)
+    assert abs(ref_grad[0, y[0]]) < 1e-4
+
+
+def test_bf16_max_logits_with_z_loss_loss_never_nan_gradient_finite():
+  big = float(jnp.finfo(jnp.bfloat16).max)
+  logits = jnp.asarray([[big, -big, 0.0, big], [big, -big, 1.0, -big]], jnp.bfloat16)
+  for labels in ([0, 1], [1, 2], [2, 0]):
+    for eps in (0.0, 0.1):
+      f = lambda z: cross_entropy(z, jnp.asarray(labels), z_loss=1e-4, label_smoothing=eps)
+      loss, grad = jax.value_and_grad(f)(logits)
+      # The true loss (1e-4 * lse**2 ~ 1e73) is beyond float32: inf, never NaN.
+      assert not np.isnan(float(loss)) and float(loss) > 0
+      g = np.asarray(grad.astype(jnp.float32))
+      assert np.isfinite(g).all(), g
+      # 2 z_loss lse p / N at the max classes (N = 2 tokens): ~3.4e34 * p.
+      assert np.abs(g).max() > 1e33 and np.abs(g).max() < 1e35
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_out_of_range_label_under_jit_gives_nan_gradient_too(reduction):
+  """A guard that checks gradients must fire: the bad token's row of the gradient is NaN
+  (it used to be an exact, silent 0), the other rows stay finite and correct."""
+  logits, labels = _batch(35)
+  bad = labels.at[0, 2].set(7)
+  f = lambda z, y: jnp.sum(cross_entropy(z, y, reduction=reduction, label_smoothing=0.1,
+                                         z_loss=1e-3))
+  loss, grad = jax.jit(jax.value_and_grad(f))(logits, bad)
+  assert np.isnan(float(loss))
+  assert np.isnan(np.asarray(grad[0, 2])).all()
+  rest = np.asarray(grad).reshape(-1, 7)
+  rest = np.delete(rest, 2, axis=0)
+  assert np.isfinite(rest).all()
+  if reduction != "mean":   # the other rows' gradients do not depend on the bad one
+    good = jax.grad(f)(logits, labels.at[0, 2].set(IGNORE))
+    np.testing.assert_allclose(rest, np.delete(np.asarray(good).reshape(-1, 7), 2, axis=0),
+                               rtol=1e-6, atol=1e-8)
+  # causal_lm_loss shares the rule.
+  ids = jnp.asarray([[1, 2, 9]])
+  g = jax.jit(jax.grad(lambda z: causal_lm_loss(z, ids)))(jnp.zeros((1, 3, 7)))
+  assert np.isnan(np.asarray(g[0, 1])).all() and np.isfinite(np.asarray(g[0, 0])).all()

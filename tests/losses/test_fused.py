@@ -523,3 +523,101 @@ def test_bad_arguments_raise_naming_them(kwargs, match):
 def test_bad_arrays_raise_naming_them(hidden, kernel, labels, match):
   with pytest.raises(ValueError, match=match):
     fused_linear_cross_entropy(hidden, kernel, labels)
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Numerics of issue 14: tiny losses, +-max bf16 logits, NaN gradients of bad labels.
+
+
+def _np_exact_nll(z, y):
+  """float64 -log softmax(z)_y, log1p where the label is the max (exact for tiny values)."""
+  z = np.asarray(z, np.float64)
+  y = np.asarray(y)
+  others = np.where(np.arange(z.shape[-1]) == y[..., None], -np.inf,
+                    z - np.take_along_axis(z, y[..., None], -1))
+  m = np.maximum(others.max(-1), 0.0)
+  rest = np.exp(others - m[..., None]).sum(-1)
+  return np.where(m == 0, np.log1p(rest), m + np.log(np.exp(-m) + rest))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_tiny_losses_keep_relative_precision(reduction):
+  """hidden = identity rows, so the logits are exactly the kernel's columns: the issue's
+  [100, 88, 87] (exact 8.40451e-6; logsumexp - z_y gave 7.63e-6) and random well-fit
+  tokens at logits ~1e2, each within 1e-4 of the float64 value; the hidden gradient
+  (whose label entry is the tiny p_y - 1) likewise."""
+  rng = np.random.default_rng(3)
+  v, n = 20, 24
+  z = rng.uniform(-100, 100, (n, v))
+  y = rng.integers(0, v, n)
+  z[np.arange(n), y] = z.max(-1) + rng.uniform(7, 20, n)
+  z[0, :3], y[0] = [100.0, 88.0, 87.0], 0
+  z[0, 3:] = -1e4
+  z = z.astype(np.float32)
+  hidden = jnp.eye(n, dtype=jnp.float32)       # [n, d = n]
+  kernel = jnp.asarray(z)                      # [d, V]: logits row i = z[i]
+  f = lambda h: fused_linear_cross_entropy(h, kernel, jnp.asarray(y), reduction=reduction,
+                                           chunk_size=7)
+  out = f(hidden)
+  exact = _np_exact_nll(z, y)
+  assert exact.max() < 1e-2
+  if reduction == "none":
+    np.testing.assert_allclose(np.asarray(out), exact, rtol=1e-4)
+    np.testing.assert_allclose(float(out[0]), 8.404506e-6, rtol=1e-5)
+  else:
+    np.testing.assert_allclose(float(out), exact.sum(), rtol=1e-4)
+  # d loss / d hidden = (softmax - onehot) @ kernel.T; the diagonal entry h_ii meets
+  # z_i . (p_i - e_y) = sum_c p_c z_c - z_y: exact in float64 from the exact p - onehot.
+  grad = jax.grad(lambda h: jnp.sum(f(h)))(hidden)
+  z64 = z.astype(np.float64)
+  p = np.exp(z64 - z64.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  g = p - np.eye(v)[y]
+  g[np.arange(n), y] = -(1 - np.exp(-exact)) * 1.0   # p_y - 1, exactly
+  ref = g @ z64.T
+  np.testing.assert_allclose(np.asarray(grad), ref, rtol=2e-3, atol=1e-6 * np.abs(ref).max())
+
+
+def test_bf16_max_logits_with_z_loss_loss_never_nan_gradient_finite():
+  big = float(jnp.finfo(jnp.bfloat16).max)
+  rows = np.asarray([[big, -big, 0.0, big], [big, -big, 1.0, -big]])
+  hidden = jnp.eye(2, dtype=jnp.bfloat16)
+  kernel = jnp.asarray(rows, jnp.bfloat16)     # logits = rows, exactly
+  for labels in ([0, 1], [1, 2], [2, 0]):
+    for eps in (0.0, 0.1):
+      f = lambda h, w: fused_linear_cross_entropy(h, w, jnp.asarray(labels), z_loss=1e-4,
+                                                  label_smoothing=eps)
+      loss, (gh, gw) = jax.value_and_grad(f, (0, 1))(hidden, kernel)
+      assert not np.isnan(float(loss)) and float(loss) > 0
+      gw = np.asarray(gw.astype(jnp.float32))
+      assert np.isfinite(gw).all(), gw
+      assert np.abs(gw).max() > 1e33 and np.abs(gw).max() < 1e35
+      # d/dhidden = g @ kernel.T contracts ~1e34 gradients with ~3e38 logits: that
+      # product is beyond any float, so only the kernel gradient is checked finite.
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_out_of_range_label_under_jit_gives_nan_gradients(reduction):
+  """Like cross_entropy: a guard that checks gradients must fire (they used to be finite,
+  with the bad token's contribution silently 0)."""
+  hidden, kernel, bias, labels, cot = _data(13, n=10)
+  bad = labels.at[3].set(13)   # V = 13
+  kw = dict(label_smoothing=0.1, z_loss=1e-3, reduction=reduction)
+
+  def scalar(loss_fn):
+    def f(h, w, b, y):   # labels traced: the eager range check cannot see them
+      out = loss_fn(h, w, y, bias=b, **kw)
+      return jnp.sum(out * cot) if reduction == "none" else out
+    return jax.jit(jax.value_and_grad(f, ARGS))
+
+  loss, (gh, gw, gb) = scalar(
+      lambda *a, **k: fused_linear_cross_entropy(*a, chunk_size=4, **k))(
+          hidden, kernel, bias, bad)
+  assert np.isnan(float(loss))
+  assert np.isnan(np.asarray(gh[3])).all()
+  assert np.isfinite(np.delete(np.asarray(gh), 3, axis=0)).all()
+  assert np.isnan(np.asarray(gw)).any() and np.isnan(np.asarray(gb)).any()
+  # The same NaN pattern as the unfused cross_entropy's.
+  _, ref = scalar(_unfused)(hidden, kernel, bias, bad)
+  for a, b in zip((gh, gw, gb), ref):
+    np.testing.assert_array_equal(np.isnan(np.asarray(a)), np.isnan(np.asarray(b)))
