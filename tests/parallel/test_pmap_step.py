@@ -33,7 +33,7 @@ def test_pmap_training_equals_single_device(mlp, single_run):
     mlp.assert_matches_single(p[name], ref_params[name], name, "pmap")
 
 
-def test_sophia_pmap_equals_single_device(mlp, sophia_single_run):
+def test_sophia_pmap_equals_single_device(mlp, sophia_single_run_pmap_order):
   """The library's estimator with ``axis_name``: labels per device, the estimate psum-ed."""
   tx, params, keys, steps = mlp.sophia_setup()
   library = lambda p, x, key: hessian.gauss_newton_bartlett(  # noqa: E731
@@ -44,8 +44,8 @@ def test_sophia_pmap_equals_single_device(mlp, sophia_single_run):
   for b, k, t in zip(mlp.batches(), keys, steps):
     p, s, _ = step(p, s, parallel.split_batch(b), k, t)
   _replicas_identical((p, s))
-  mlp.check_sophia(parallel.unreplicate(p), parallel.unreplicate(s), *sophia_single_run,
-                   "pmap")
+  mlp.check_sophia(parallel.unreplicate(p), parallel.unreplicate(s),
+                   *sophia_single_run_pmap_order, "pmap")
 
 
 def test_split_batch_and_replicate_round_trip():
