@@ -86,16 +86,22 @@ def check_floating(owner: str, name: str, x: jax.Array, min_ndim: int = 1) -> No
         f"{x.shape}")
 
 
-def as_mask(owner: str, where: Any, shape: tuple[int, ...]) -> jax.Array:
-  """``where`` as a boolean array of ``shape``; ValueError for another shape or dtype."""
+def as_mask(owner: str, where: Any, shape: tuple[int, ...] | None = None, *,
+            name: str = "where", shape_text: str | None = None, min_ndim: int = 0) -> jax.Array:
+  """``where`` as a boolean array; ValueError naming ``name`` for another dtype, fewer than
+  ``min_ndim`` axes, or (when ``shape`` is given) another shape (``shape_text`` says which)."""
   where = jnp.asarray(where)
   # Integer 0/1 masks (e.g. a tokenizer's attention_mask) are accepted; floats are not,
   # since a soft weight silently rounded to a hard mask would be a different loss.
   if not (where.dtype == jnp.bool_ or jnp.issubdtype(where.dtype, jnp.integer)):
-    raise ValueError(f"{owner}: `where` must be a boolean (or integer 0/1) array, got "
+    raise ValueError(f"{owner}: `{name}` must be a boolean (or integer 0/1) array, got "
                      f"dtype {where.dtype}")
-  if where.shape != tuple(shape):
-    raise ValueError(f"{owner}: `where` must have shape {tuple(shape)}, got {where.shape}")
+  if where.ndim < min_ndim:
+    raise ValueError(f"{owner}: `{name}` must have at least {min_ndim} dimension(s), got "
+                     f"shape {where.shape}")
+  if shape is not None and where.shape != tuple(shape):
+    raise ValueError(f"{owner}: `{name}` must have {shape_text or 'shape'} {tuple(shape)}, "
+                     f"got {where.shape}")
   return where.astype(jnp.bool_)
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_llm._validation import is_concrete
+from jaxopt_llm.losses._common import as_mask
 
 
 def as_logps(owner: str, name: str, x: Any, dtype: Any, *,
@@ -57,19 +58,14 @@ def as_labels(owner: str, labels: Any, shape: tuple[int, ...]) -> jax.Array:
   Booleans or integer 0/1 (a dataset's ``label`` column); concrete integers other than
   0/1 are a ValueError rather than silently read as True.
   """
-  labels = jnp.asarray(labels)
-  if not (labels.dtype == jnp.bool_ or jnp.issubdtype(labels.dtype, jnp.integer)):
-    raise ValueError(f"{owner}: `labels` must be a boolean (or integer 0/1) array, got "
-                     f"dtype {labels.dtype}")
-  if labels.shape != tuple(shape):
-    raise ValueError(f"{owner}: `labels` must have the shape of `policy_logps` "
-                     f"{tuple(shape)}, got {labels.shape}")
-  if labels.dtype != jnp.bool_ and is_concrete(labels):
-    values = np.unique(np.asarray(labels))
+  raw = jnp.asarray(labels)
+  labels = as_mask(owner, raw, shape, name="labels", shape_text="the shape of `policy_logps`")
+  if raw.dtype != jnp.bool_ and is_concrete(raw):
+    values = np.unique(np.asarray(raw))
     if not np.all(np.isin(values, (0, 1))):
       raise ValueError(f"{owner}: integer `labels` must be 0 or 1, got values "
                        f"{values[:10].tolist()}")
-  return labels.astype(jnp.bool_)
+  return labels
 
 
 def safe_mean(x: jax.Array) -> jax.Array:

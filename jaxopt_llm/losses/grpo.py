@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_llm._validation import check_choice, check_int, check_real, is_concrete
-from jaxopt_llm.losses._common import compute_dtype, is_concrete_zero
+from jaxopt_llm.losses._common import as_mask, compute_dtype, is_concrete_zero
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 # The PPO-style clipped surrogate; these also log the clip_ratio/* metrics.
@@ -56,18 +56,6 @@ def _floating(owner: str, name: str, x: Any, shape: tuple[int, ...] | None = Non
     raise ValueError(f"{owner}: `{name}` must have the shape of per_token_logps "
                      f"{tuple(shape)}, got {x.shape}")
   return x
-
-
-def _bool_mask(owner: str, name: str, mask: Any, shape: tuple[int, ...]) -> jax.Array:
-  mask = jnp.asarray(mask)
-  # Boolean or integer 0/1 (a tokenizer's mask); a float mask would be a soft weight.
-  if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
-    raise ValueError(f"{owner}: `{name}` must be a boolean (or integer 0/1) array, got "
-                     f"dtype {mask.dtype}")
-  if mask.shape != tuple(shape):
-    raise ValueError(f"{owner}: `{name}` must have the shape of per_token_logps "
-                     f"{tuple(shape)}, got {mask.shape}")
-  return mask.astype(jnp.bool_)
 
 
 # ---------------------------------------------------------------------------------------
@@ -414,7 +402,8 @@ def grpo_loss(
   logp = _floating(owner, "per_token_logps", per_token_logps, ndim=2)
   shape = logp.shape
   b, t = shape
-  mask = _bool_mask(owner, "completion_mask", completion_mask, shape)
+  mask = as_mask(owner, completion_mask, shape, name="completion_mask",
+                 shape_text="the shape of per_token_logps")
   old = None if old_per_token_logps is None else _floating(
       owner, "old_per_token_logps", old_per_token_logps, shape)
   adv = _floating(owner, "advantages", advantages)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxopt_llm._validation import check_choice, check_real, is_concrete
 from jaxopt_llm.losses._common import (
-    REDUCTIONS, compute_dtype, sequence_targets, token_log_probs, validated_targets)
+    REDUCTIONS, as_mask, compute_dtype, sequence_targets, token_log_probs, validated_targets)
 from jaxopt_llm.losses._preference_common import paired_metrics, safe_mean
 from jaxopt_llm.losses.bco import BCOState, bco_update
 
@@ -288,17 +288,6 @@ def _as_float(owner: str, name: str, x: Any) -> jax.Array:
   return x
 
 
-def _as_mask(owner: str, name: str, x: Any) -> jax.Array:
-  x = jnp.asarray(x)
-  # Integer 0/1 masks (a tokenizer's completion_mask) are accepted; floats are not.
-  if not (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer)):
-    raise ValueError(f"{owner}: `{name}` must be a boolean (or integer 0/1) array, got "
-                     f"dtype {x.dtype}")
-  if x.ndim < 1:
-    raise ValueError(f"{owner}: `{name}` must be [..., T], got shape {x.shape}")
-  return x.astype(jnp.bool_)
-
-
 def _check_shape(owner: str, name: str, x: jax.Array, shapes: Sequence[tuple[int, ...]],
                  what: str) -> None:
   if x.shape not in [tuple(s) for s in shapes]:
@@ -343,8 +332,8 @@ def _prepare(owner, pc, pr, rc, rr, chosen_mask, rejected_mask, ld_alpha, no_ref
              else refs["reference_rejected_logps"])
     return _Batch(pc, pr, ref_c, ref_r, None, pc - ref_c, pr - ref_r)
 
-  mask_c = _as_mask(owner, "chosen_mask", chosen_mask)
-  mask_r = _as_mask(owner, "rejected_mask", rejected_mask)
+  mask_c = as_mask(owner, chosen_mask, name="chosen_mask", min_ndim=1)
+  mask_r = as_mask(owner, rejected_mask, name="rejected_mask", min_ndim=1)
   _check_shape(owner, "policy_chosen_logps", pc, [mask_c.shape],
                f"the shape of chosen_mask {mask_c.shape} (per-token log-probs)")
   _check_shape(owner, "policy_rejected_logps", pr, [mask_r.shape],
