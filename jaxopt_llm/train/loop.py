@@ -74,6 +74,29 @@ def train(cfg: TrainConfig, *, out_dir: Optional[str] = None, resume: bool = Fal
     return _run(cfg, out_dir, resume, progress, log, stop_after, signals, stack)
 
 
+# What a checkpoint remembers of its tokens. All are computed from the content (the cache key
+# also covers mtimes, which a copy or a `touch` changes), so an edited file is caught and a
+# touched one is not.
+DATA_IDENTITY = ("train_tokens", "val_tokens", "unigram_entropy", "vocab_size",
+                 "tokenizer_sha256")
+
+
+def data_identity(summary: dict) -> dict:
+  return {k: summary.get(k) for k in DATA_IDENTITY}
+
+
+def check_same_data(saved: Optional[dict], now: dict) -> None:
+  """RunDirError naming what differs when the data resumed on is not the checkpoint's
+  (checkpoints written before this check carry none: nothing to compare)."""
+  if saved is None:
+    return
+  diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in DATA_IDENTITY
+          if saved.get(k) != now.get(k)]
+  if diff:
+    raise RunDirError("resume: the data or tokenizer changed since the checkpoint ("
+                      + ", ".join(diff) + "); restore them, or start a new run")
+
+
 def _run(cfg: TrainConfig, out_dir: Optional[str], resume: bool, progress: bool,
          log: Callable[[str], None], stop_after: Optional[int],
          signals: run_dir.StopSignals, stack: contextlib.ExitStack) -> TrainResult:
@@ -101,6 +124,7 @@ def _run(cfg: TrainConfig, out_dir: Optional[str], resume: bool, progress: bool,
   state = prog.init(cfg.seed)
   if resume:
     state, extra = ckpt.restore(state, step, verify=False)  # verified just above
+    check_same_data(extra.get("data_identity"), data_identity(ds.summary))
     batches.restore(extra["data"])
     last_eval = extra.get("last_eval")  # in the checkpoint: every process must agree on it
   start = int(state.step) // cfg.accum
@@ -132,7 +156,8 @@ def _run(cfg: TrainConfig, out_dir: Optional[str], resume: bool, progress: bool,
     return rec
 
   def save() -> None:
-    ckpt.save(state, {"data": batches.state(), "config": cfg.to_dict(), "last_eval": last_eval})
+    ckpt.save(state, {"data": batches.state(), "config": cfg.to_dict(), "last_eval": last_eval,
+                      "data_identity": data_identity(ds.summary)})
 
   # The loop. Metrics stay on the device until a logging step (no per-step host sync).
   save_every = cfg.resolved_save_every()

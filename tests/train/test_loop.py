@@ -238,3 +238,19 @@ def test_two_processes_train_like_one_and_resume(tmp_path):
   assert "checkpoint 10 damaged" in resumed[0].stdout
   assert "resuming at step 5" in resumed[0].stdout
   np.testing.assert_allclose(logged_train_losses(out), ref_losses, rtol=1e-5, atol=0)
+
+
+def test_resume_refuses_data_edited_since_the_checkpoint(tmp_path):
+  text = tmp_path / "mine.txt"
+  text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+  cfg = TrainConfig(**TINY, steps=4, data=str(text), eval_every=0)
+  out = str(tmp_path / "run")
+  loop.train(cfg, out_dir=out, stop_after=2, **quiet)
+  # the same length, other content: refused in one line naming what changed
+  text.write_text("the quick brown cat jumps over the lazy dog. " * 40)
+  with pytest.raises(RunDirError, match="the data or tokenizer changed since the checkpoint "
+                     r"\(unigram_entropy"):
+    loop.train(cfg, out_dir=out, resume=True, **quiet)
+  # the original content back (a new mtime, so a new cache key): resumable
+  text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+  assert int(loop.train(cfg, out_dir=out, resume=True, **quiet).state.opt_step) == 4
