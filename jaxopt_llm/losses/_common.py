@@ -25,7 +25,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import checkify
 
-from jaxopt_llm._validation import check_choice, check_int, check_real, is_concrete
+from jaxopt_llm._validation import (
+    check_bool, check_choice, check_int, check_scalar, is_concrete)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -57,23 +58,6 @@ def compute_dtype(*arrays: Any) -> jnp.dtype:
   dtypes = [jnp.asarray(a).dtype for a in arrays if a is not None]
   dtypes = [d for d in dtypes if jnp.issubdtype(d, jnp.floating)]
   return jnp.result_type(jnp.float32, *dtypes)
-
-
-def check_hyper(owner: str, name: str, value: Any, **bounds: Any) -> None:
-  """``check_real`` (TypeError for a non-number, ValueError outside the bounds or NaN/inf)
-  plus a ValueError for a non-scalar: a ``[2]`` ``label_smoothing`` would otherwise
-  broadcast into a loss of the wrong shape. Traced scalars pass (checked by shape only)."""
-  check_real(owner, name, value, **bounds)
-  if value is None or callable(value):
-    raise TypeError(f"{owner}: `{name}` must be a number, got {type(value).__name__}")
-  if np.ndim(value) != 0:
-    raise ValueError(f"{owner}: `{name}` must be a scalar, got shape {np.shape(value)}")
-
-
-def check_flag(owner: str, name: str, value: Any) -> None:
-  """ValueError naming ``name`` unless ``value`` is a Python or numpy bool (not "yes", 2)."""
-  if not isinstance(value, (bool, np.bool_)):
-    raise ValueError(f"{owner}: `{name}` must be True or False, got {value!r}")
 
 
 def check_floating(owner: str, name: str, x: jax.Array, min_ndim: int = 1) -> None:
@@ -361,9 +345,9 @@ def token_cross_entropy(owner: str, labels_name: str, logits: Any, labels: Any, 
   """``cross_entropy`` with the caller's name and labels' name in error messages (the
   body of ``cross_entropy``, ``causal_lm_loss`` and ``masked_lm_loss``)."""
   check_choice(owner, "reduction", reduction, REDUCTIONS)
-  check_hyper(owner, "label_smoothing", label_smoothing, lo=0.0, hi=1.0)
-  check_hyper(owner, "z_loss", z_loss, lo=0.0)
-  check_flag(owner, "validate", validate)
+  check_scalar(owner, "label_smoothing", label_smoothing, lo=0.0, hi=1.0)
+  check_scalar(owner, "z_loss", z_loss, lo=0.0)
+  check_bool(owner, "validate", validate)
   t = validated_targets(
       owner, logits, labels, ignore_index=ignore_index, where=where, validate=validate,
       labels_name=labels_name)

@@ -10,8 +10,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxopt_llm._validation import is_concrete
-from jaxopt_llm.losses._common import check_hyper, compute_dtype
+from jaxopt_llm._validation import check_scalar, is_concrete
+from jaxopt_llm.losses._common import compute_dtype
 
 
 def combine_losses(
@@ -70,7 +70,7 @@ def combine_losses(
     if value.ndim != 0 or not jnp.issubdtype(value.dtype, jnp.floating):
       raise ValueError(f"{owner}: `losses[{name!r}]` must be a floating scalar, got "
                        f"dtype {value.dtype} shape {value.shape}")
-    check_hyper(owner, f"weights[{name!r}]", weight)
+    check_scalar(owner, f"weights[{name!r}]", weight)
     entries[name] = (value, weight)
   dtype = compute_dtype(*(v for v, _ in entries.values()))
   total = jnp.zeros((), dtype)

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxopt_llm._validation import check_choice
+from jaxopt_llm._validation import check_bool, check_choice, check_scalar
 from jaxopt_llm.losses._common import (
-    REDUCTIONS, check_flag, check_hyper, compute_dtype, softmax_nll)
+    REDUCTIONS, compute_dtype, softmax_nll)
 # CLIP (Radford et al., 2021, sec. 2.5): the logit scale is a learned log-parameter,
 # initialised to log(1 / 0.07) and clipped so the scale never exceeds 100.
 CLIP_INIT_LOGIT_SCALE = math.log(1.0 / 0.07)
@@ -70,7 +70,7 @@ def l2_normalize(x: jax.typing.ArrayLike, *, axis: int = -1,
     array of ``x.shape``, float32 (float64 for float64 ``x``).
   """
   owner = "l2_normalize"
-  check_hyper(owner, "eps", eps, lo=0.0, lo_open=True)
+  check_scalar(owner, "eps", eps, lo=0.0, lo_open=True)
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"{owner}: `x` must be a floating array, got dtype {x.dtype}")
@@ -111,7 +111,7 @@ def pairwise_cosine_similarity(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike,
   l2_normalize(b), -1)`` here.
   """
   owner = "pairwise_cosine_similarity"
-  check_hyper(owner, "eps", eps, lo=0.0, lo_open=True)
+  check_scalar(owner, "eps", eps, lo=0.0, lo_open=True)
   a = _check_features(owner, "a", a, 2)
   b = _check_features(owner, "b", b, 2)
   if a.shape[-1] != b.shape[-1]:
@@ -174,8 +174,8 @@ def info_nce(
     An empty batch gives 0.0 (``"mean"``).
   """
   owner = "info_nce"
-  check_hyper(owner, "temperature", temperature, lo=0.0, lo_open=True)
-  check_hyper(owner, "eps", eps, lo=0.0, lo_open=True)
+  check_scalar(owner, "temperature", temperature, lo=0.0, lo_open=True)
+  check_scalar(owner, "eps", eps, lo=0.0, lo_open=True)
   check_choice(owner, "reduction", reduction, REDUCTIONS)
   query = _check_features(owner, "query", query, 2)
   positive = _check_features(owner, "positive", positive, 2)
@@ -294,9 +294,9 @@ def in_batch_info_nce(
     A scalar, float32 (float64 for float64 inputs); 0.0 for an empty batch.
   """
   owner = "in_batch_info_nce"
-  check_hyper(owner, "temperature", temperature, lo=0.0, lo_open=True)
-  check_hyper(owner, "eps", eps, lo=0.0, lo_open=True)
-  check_flag(owner, "symmetric", symmetric)
+  check_scalar(owner, "temperature", temperature, lo=0.0, lo_open=True)
+  check_scalar(owner, "eps", eps, lo=0.0, lo_open=True)
+  check_bool(owner, "symmetric", symmetric)
   a, b = _check_pair(owner, a, b)
   a, b = l2_normalize(a, eps=eps), l2_normalize(b, eps=eps)
   scale = 1.0 / jnp.asarray(temperature, a.dtype)
@@ -344,9 +344,9 @@ def clip_loss(
     A scalar, float32 (float64 for float64 inputs); 0.0 for an empty batch.
   """
   owner = "clip_loss"
-  check_hyper(owner, "logit_scale", logit_scale)
-  check_hyper(owner, "max_logit_scale", max_logit_scale)
-  check_hyper(owner, "eps", eps, lo=0.0, lo_open=True)
+  check_scalar(owner, "logit_scale", logit_scale)
+  check_scalar(owner, "max_logit_scale", max_logit_scale)
+  check_scalar(owner, "eps", eps, lo=0.0, lo_open=True)
   a, b = _check_pair(owner, a, b)
   logit_scale = jnp.asarray(logit_scale)
   logit_scale = logit_scale.astype(compute_dtype(a, b, logit_scale))

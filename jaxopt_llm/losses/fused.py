@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxopt_llm._shard_map import as_varying, tree_varying_axes, varying_axes
-from jaxopt_llm._validation import check_choice, check_int
+from jaxopt_llm._validation import check_bool, check_choice, check_int, check_scalar
 from jaxopt_llm.losses._common import (
-    REDUCTIONS, check_flag, check_floating, check_hyper, compute_dtype, is_concrete_zero,
+    REDUCTIONS, check_floating, compute_dtype, is_concrete_zero,
     masked_log_probs, softmax_nll_parts, softmax_probs, token_loss, validated_labels)
 
 # Default chunk: the most tokens whose float32 [C, V] logits block fits in a byte budget,
@@ -441,13 +441,13 @@ def fused_linear_cross_entropy(
   """
   owner = "fused_linear_cross_entropy"
   check_choice(owner, "reduction", reduction, REDUCTIONS)
-  check_hyper(owner, "label_smoothing", label_smoothing, lo=0.0, hi=1.0)
-  check_hyper(owner, "z_loss", z_loss, lo=0.0)
+  check_scalar(owner, "label_smoothing", label_smoothing, lo=0.0, hi=1.0)
+  check_scalar(owner, "z_loss", z_loss, lo=0.0)
   if chunk_size is not None:
     check_int(owner, "chunk_size", chunk_size, lo=1)
   if logit_soft_cap is not None:
-    check_hyper(owner, "logit_soft_cap", logit_soft_cap, lo=0.0, lo_open=True)
-  check_flag(owner, "validate", validate)
+    check_scalar(owner, "logit_soft_cap", logit_soft_cap, lo=0.0, lo_open=True)
+  check_bool(owner, "validate", validate)
 
   hidden = jnp.asarray(hidden)
   kernel = jnp.asarray(kernel)

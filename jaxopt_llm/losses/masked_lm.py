@@ -11,8 +11,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxopt_llm._validation import check_int, is_concrete
-from jaxopt_llm.losses._common import check_hyper, token_cross_entropy
+from jaxopt_llm._validation import check_int, check_scalar, is_concrete
+from jaxopt_llm.losses._common import token_cross_entropy
 from jaxopt_llm.losses.cross_entropy import cross_entropy
 
 
@@ -63,9 +63,9 @@ def mask_tokens(
   check_int(owner, "mask_token_id", mask_token_id, lo=0)
   check_int(owner, "vocab_size", vocab_size, lo=1)
   check_int(owner, "ignore_index", ignore_index)
-  check_hyper(owner, "mask_prob", mask_prob, lo=0.0, hi=1.0)
-  check_hyper(owner, "replace_prob", replace_prob, lo=0.0, hi=1.0)
-  check_hyper(owner, "random_prob", random_prob, lo=0.0, hi=1.0)
+  check_scalar(owner, "mask_prob", mask_prob, lo=0.0, hi=1.0)
+  check_scalar(owner, "replace_prob", replace_prob, lo=0.0, hi=1.0)
+  check_scalar(owner, "random_prob", random_prob, lo=0.0, hi=1.0)
   if is_concrete(replace_prob) and is_concrete(random_prob):
     # The slack lets e.g. 0.8 + 0.2 through: 1.0 - 0.8 is 0.19999999999999996 in floats.
     if float(replace_prob) + float(random_prob) > 1.0 + 1e-9:

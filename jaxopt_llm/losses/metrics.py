@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxopt_llm._validation import check_int
+from jaxopt_llm._validation import check_int, check_scalar
 from jaxopt_llm.losses._common import (
-    Targets, check_hyper, reduce_masked, token_log_probs, validated_targets)
+    Targets, reduce_masked, token_log_probs, validated_targets)
 
 
 def _mean_indicator(correct: jax.Array, t: Targets) -> jax.Array:
@@ -109,7 +109,7 @@ def length_normalized_score(logits: ArrayLike, labels: ArrayLike, *,
     float32 (float64 for float64 logits) ``[...]``, one score per sequence.
   """
   owner = "length_normalized_score"
-  check_hyper(owner, "alpha", alpha, lo=0.0)
+  check_scalar(owner, "alpha", alpha, lo=0.0)
   if jnp.ndim(labels) < 1:
     raise ValueError(f"{owner}: `labels` must have a time axis ([..., T]), got shape "
                      f"{jnp.shape(labels)}")
