@@ -30,7 +30,6 @@ before every read of the directory).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, Callable, Optional
@@ -39,6 +38,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxopt_llm.train.files import atomic_write, sha256_file
 from jaxopt_llm.train.run_dir import RunDirError, checkpoint_steps, lead_says
 
 MANIFEST = "jaxopt_llm.sha256.json"
@@ -66,14 +66,6 @@ class CheckpointError(RunDirError):
 # ---------------------------------------------------------------------------------------
 # Checksums
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def file_digests(step_dir: str) -> dict[str, dict]:
   """``{relative path: {"bytes", "sha256"}}`` of every file under ``step_dir`` but the
   manifest (and its temporary file)."""
@@ -83,26 +75,17 @@ def file_digests(step_dir: str) -> dict[str, dict]:
     for name in sorted(files):
       path = os.path.join(root, name)
       rel = os.path.relpath(path, step_dir).replace(os.sep, "/")
-      if rel in (MANIFEST, MANIFEST + ".tmp"):
+      if rel == MANIFEST or rel.startswith(MANIFEST + ".tmp"):
         continue
-      out[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+      out[rel] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
   return out
 
 
 def write_manifest(step_dir: str) -> None:
   """Records every file of ``step_dir`` in its ``MANIFEST``, atomically and durably."""
   text = json.dumps({"format": 1, "files": file_digests(step_dir)}, indent=0, sort_keys=True)
-  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    f.write(text + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(step_dir, MANIFEST))
-  dir_fd = os.open(step_dir, os.O_RDONLY)
-  try:
-    os.fsync(dir_fd)
-  finally:
-    os.close(dir_fd)
+  atomic_write(os.path.join(step_dir, MANIFEST), lambda f: f.write(text + "\n"), "w",
+               sync_dir=True)
 
 
 def check_intact(step_dir: str) -> Optional[str]:
@@ -121,7 +104,7 @@ def check_intact(step_dir: str) -> Optional[str]:
       size = os.path.getsize(path)
       if size != want["bytes"]:
         return f"{rel}: {size} bytes, {want['bytes']} expected"
-      if _sha256(path) != want["sha256"]:
+      if sha256_file(path) != want["sha256"]:
         return f"{rel}: checksum mismatch"
     except FileNotFoundError:
       return f"{rel}: missing"

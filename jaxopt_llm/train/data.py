@@ -54,13 +54,13 @@ import importlib.resources
 import json
 import math
 import os
-import uuid
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
 from jaxopt_llm._validation import check_int, check_real
+from jaxopt_llm.train.files import atomic_write, sha256_file
 
 if TYPE_CHECKING:
   from jaxopt_llm.train.config import TrainConfig
@@ -288,7 +288,7 @@ class JSONTokenizer:
     if not os.path.isfile(path):
       raise ValueError(f"`{field}`: no such file: {path!r}")
     self.path = os.path.abspath(path)
-    self.sha256 = _sha256_file(path)
+    self.sha256 = sha256_file(path)
     try:
       self._tok = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # the library raises a bare Exception for a malformed file
@@ -476,27 +476,6 @@ def _text_pieces(stream: _ByteStream, start: int, stop: int,
 
 # --- the cache -------------------------------------------------------------------------------
 
-def _sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(functools.partial(f.read, _SCAN_CHUNK), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:
-    with open(tmp, mode) as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536
                   else np.int32)
@@ -527,7 +506,7 @@ class _Cache:
         dtype = np.dtype(info["dtype"])
         if os.path.getsize(path) != info["length"] * dtype.itemsize:
           raise ValueError(f"{os.path.basename(path)} has the wrong size")
-        if _sha256_file(path) != info["sha256"]:
+        if sha256_file(path) != info["sha256"]:
           raise ValueError(f"{os.path.basename(path)} does not match its SHA-256")
         arrays[part] = (np.memmap(path, dtype=dtype, mode="r", shape=(info["length"],))
                         if info["length"] else np.zeros(0, dtype))
@@ -550,14 +529,14 @@ class _Cache:
         f.write(raw)
         n += len(block)
 
-    _atomic_write(self.path(part), write)
+    atomic_write(self.path(part), write)
     return {"dtype": dtype.str, "length": n, "sha256": h.hexdigest()}
 
   def commit(self, manifest: dict) -> None:
     """Writes the manifest (last: an entry without one is never read) and removes the
     entries of other keys (an edited source or tokenizer)."""
     os.makedirs(self.dir, exist_ok=True)
-    _atomic_write(self.manifest, lambda f: json.dump(manifest, f, indent=1), mode="w")
+    atomic_write(self.manifest, lambda f: json.dump(manifest, f, indent=1), mode="w")
     for name in os.listdir(self.dir):
       if not name.startswith(self.key) and name != "tokenizer.json" and ".tmp-" not in name:
         try:
@@ -609,10 +588,10 @@ def load_dataset(cfg: "TrainConfig", run_dir: Optional[str] = None, *,
   if cache is not None and isinstance(tok, JSONTokenizer):
     os.makedirs(cache.dir, exist_ok=True)
     copy = os.path.join(cache.dir, "tokenizer.json")
-    if not os.path.isfile(copy) or _sha256_file(copy) != tok.sha256:
+    if not os.path.isfile(copy) or sha256_file(copy) != tok.sha256:
       with open(tok.path, "rb") as src:
         raw = src.read()
-      _atomic_write(copy, lambda f: f.write(raw))
+      atomic_write(copy, lambda f: f.write(raw))
 
   man = cache.load() if cache is not None else None
   if man is not None and man.get("source_view"):

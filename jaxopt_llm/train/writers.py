@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import glob
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -36,6 +35,8 @@ import secrets
 import sys
 import time
 from typing import Any, Callable, Optional
+
+from jaxopt_llm.train.files import atomic_write, sha256_file
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
@@ -57,14 +58,6 @@ def versions() -> dict[str, Optional[str]]:
     except importlib.metadata.PackageNotFoundError:
       out[name] = None
   return out
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(chunk), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _file_entries(paths: list[str]) -> list[dict]:
@@ -130,7 +123,7 @@ def write_run_config(out_dir: str, cfg, *, dataset_summary: Optional[dict] = Non
   ``resumed_at_step``) and returns its path. ``TrainConfig(**json["config"])`` is the run's
   config; ``jaxopt-llm sample`` reads it back."""
   path = os.path.join(out_dir, CONFIG)
-  _atomic_write(path, json.dumps(run_config(cfg, dataset_summary=dataset_summary,
+  _write_text(path, json.dumps(run_config(cfg, dataset_summary=dataset_summary,
                                             resumed_at=resumed_at), indent=1, default=str)
                 + "\n")
   return path
@@ -148,12 +141,8 @@ def read_run_config(out_dir: str) -> Optional[dict]:
       raise ValueError(f"{path} is not a run config ({e})") from None
 
 
-def _atomic_write(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+def _write_text(path: str, text: str) -> None:
+  atomic_write(path, lambda f: f.write(text), "w")
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,7 +200,7 @@ class MetricWriter:
       if resume:
         self.history = [r for r in _read_jsonl(self.metrics_path)
                         if r.get("step", 0) <= resume_step and r.get("kind") != "summary"]
-      _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
+      _write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
       try:
         self._jsonl = open(self.metrics_path, "a")
         if tensorboard:
@@ -306,7 +295,7 @@ def _open_wandb(out_dir: str, cfg, resume: bool, log: Callable[[str], None]):
       run_id = f.read().strip() or None
   if run_id is None:
     run_id = secrets.token_hex(4)  # W&B run ids are [a-z0-9]
-    _atomic_write(id_path, run_id + "\n")
+    _write_text(id_path, run_id + "\n")
   config = {"config": cfg.to_dict()}
   if os.path.isfile(os.path.join(out_dir, CONFIG)):  # the run's config.json, written first
     with open(os.path.join(out_dir, CONFIG)) as f:
