@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_llm._validation import is_concrete
-from jaxopt_llm.losses._common import as_mask
+from jaxopt_llm.losses._common import as_mask, check_floating
 
 
 def as_logps(owner: str, name: str, x: Any, dtype: Any, *,
@@ -34,8 +34,7 @@ def as_logps(owner: str, name: str, x: Any, dtype: Any, *,
   ``like`` names the argument whose shape ``x`` must have, for the error message.
   """
   x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{owner}: `{name}` must be a floating array, got dtype {x.dtype}")
+  check_floating(owner, name, x, min_ndim=0)
   if shape is not None and x.shape != tuple(shape):
     raise ValueError(f"{owner}: `{name}` must have the shape of `{like}` {tuple(shape)}, "
                      f"got {x.shape}")

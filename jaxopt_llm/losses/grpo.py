@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_llm._validation import check_choice, check_int, check_real, is_concrete
-from jaxopt_llm.losses._common import as_mask, compute_dtype, is_concrete_zero
+from jaxopt_llm.losses._common import as_mask, check_floating, compute_dtype, is_concrete_zero
+from jaxopt_llm.losses._preference_common import masked_mean
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 # The PPO-style clipped surrogate; these also log the clip_ratio/* metrics.
@@ -48,8 +49,7 @@ _VESPO_LOG_LOWER = math.log(1e-8)
 def _floating(owner: str, name: str, x: Any, shape: tuple[int, ...] | None = None,
               *, ndim: int | None = None) -> jax.Array:
   x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{owner}: `{name}` must be a floating array, got dtype {x.dtype}")
+  check_floating(owner, name, x, min_ndim=0)
   if ndim is not None and x.ndim != ndim:
     raise ValueError(f"{owner}: `{name}` must have {ndim} dimensions, got shape {x.shape}")
   if shape is not None and x.shape != tuple(shape):
@@ -157,8 +157,7 @@ def _global_masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   x = jnp.asarray(x, jnp.result_type(x.dtype, jnp.float32))
   if _per_sequence(x, mask.shape[-1]):
     return jnp.sum(x) / max(x.shape[0], 1)
-  x = jnp.broadcast_to(x, mask.shape)
-  return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask, dtype=x.dtype), 1.0)
+  return masked_mean(jnp.broadcast_to(x, mask.shape), mask)
 
 
 def _seq_means(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from jaxopt_llm._validation import check_choice, check_real, is_concrete
 from jaxopt_llm.losses._common import (
-    REDUCTIONS, as_mask, compute_dtype, sequence_targets, token_log_probs, validated_targets)
+    REDUCTIONS, as_mask, check_floating, compute_dtype, sequence_targets, token_log_probs,
+    validated_targets)
 from jaxopt_llm.losses._preference_common import paired_metrics, safe_mean
 from jaxopt_llm.losses.bco import BCOState, bco_update
 
@@ -283,8 +284,7 @@ def wpo_weights(per_token_chosen: jax.Array, per_token_rejected: jax.Array,
 
 def _as_float(owner: str, name: str, x: Any) -> jax.Array:
   x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{owner}: `{name}` must be a floating array, got dtype {x.dtype}")
+  check_floating(owner, name, x, min_ndim=0)
   return x
 
 
