@@ -341,6 +341,7 @@ class StopSignals:
     self._install = enabled and threading.current_thread() is threading.main_thread()
     self.log = log or (lambda text: None)
     self.signum = 0
+    self._announced = False
     self._previous: dict = {}
 
   def _handle(self, signum: int, frame) -> None:
@@ -352,19 +353,25 @@ class StopSignals:
       else:
         os.kill(os.getpid(), signum)
       return
+    # Only a flag here: the handler may interrupt a print, and writing to the same stream
+    # from inside it raises "reentrant call". requested() says it, outside the handler.
     self.signum = signum
-    self.log(f"{signal.Signals(signum).name}: finishing the current step, then saving a "
-             f"checkpoint (send it again to stop at once, without one)")
 
   def requested(self) -> int:
-    """The signal that asks to stop (0: none); with many processes, any process's."""
+    """The signal that asks to stop (0: none); with many processes, any process's. The first
+    time it is seen, says in one line what happens next."""
     import jax
-    if not self.enabled or jax.process_count() == 1:
-      return self.signum
-    import numpy as np
-    from jax.experimental import multihost_utils
-    flags = np.asarray(multihost_utils.process_allgather(np.asarray([self.signum], np.int32)))
-    return int(flags.max())
+    signum = self.signum
+    if self.enabled and jax.process_count() > 1:
+      import numpy as np
+      from jax.experimental import multihost_utils
+      flags = np.asarray(multihost_utils.process_allgather(np.asarray([signum], np.int32)))
+      signum = int(flags.max())
+    if signum and not self._announced:
+      self._announced = True
+      self.log(f"{signal.Signals(signum).name}: finishing the current step, then saving a "
+               f"checkpoint (send it again to stop at once, without one)")
+    return signum
 
   def __enter__(self) -> "StopSignals":
     if self._install:
