@@ -13,7 +13,11 @@ positional argument is ``eps_root``; ``adagrad``'s: optax's second is
 optax's 1e-4) and eps sits where PyTorch puts it.
 
 Every ``learning_rate`` and ``weight_decay`` accepts a float or an optax schedule
-``step -> value``. A schedule given as a Python callable is checked when the optimizer is
+``step -> value``; so do ``b1`` of the Adam family (``adam``, ``adam_l2``, ``adamw`` and
+``adam_variants``' ``nadam``, ``radam``, ``adamax``) and ``momentum`` of ``sgd`` /
+``rmsprop`` (``beta`` of ``momentum``), which torch's OneCycleLR and CyclicLR
+(cycle_momentum=True) rewrite before every step: the step uses the value at the number of
+updates already applied, in every formula that reads it (values checked to lie in [0, 1)). A schedule given as a Python callable is checked when the optimizer is
 built: it is evaluated at steps 0, 1, 2, 3, 5, 10, 20, 50, ..., 10**6, 10**7 and around its
 ``milestones`` (``jaxopt_llm.schedules`` records the end of each warmup and decay there),
 and a NaN, infinite or negative value raises a ValueError naming the argument and the step
@@ -34,7 +38,7 @@ registers the copy-free one-pass step of ``fused.py`` for ``optim.update_and_app
 returned transformation is the same chain either way.
 
 Rules every optimizer here follows (the torch twins added later too, by building on
-``_named`` and the ``scale_by_*`` blocks): every hyperparameter is checked when the optimizer
+``named_chain`` and the ``scale_by_*`` blocks): every hyperparameter is checked when the optimizer
 is built, with a TypeError or ValueError naming it (a string, a bool where a number belongs,
 a callable where no schedule is allowed, a non-float ``*_dtype``, a non-bool flag, a mask
 that is not bools); integer and bool parameter leaves are never changed (no state, an exact
@@ -106,12 +110,13 @@ def _check_state(owner: str, n_links: int, update: Callable) -> Callable:
   return checked
 
 
-def _named(owner: str, direction: Optional[optax.GradientTransformation],
+def named_chain(owner: str, direction: Optional[optax.GradientTransformation],
            learning_rate: ScalarOrSchedule, weight_decay: ScalarOrSchedule, mask: MaskOrFn, *,
            decay_first: bool, whole_step: Optional[Callable] = None
            ) -> optax.GradientTransformation:
   """``chain(decay, direction, lr)`` (coupled: ``decay_first``) or ``chain(direction, decay,
   lr)``; the decay link is left out when ``weight_decay`` is a literal 0 (a pass saved).
+  Every named optimizer is built by it (those of ``adam_variants.py`` too).
 
   ``whole_step(layout, mask)`` builds the one-pass step registered for ``update_and_apply``
   (``mask`` as checked here). The returned transformation's ``update`` refuses a state that
@@ -147,9 +152,9 @@ def _named(owner: str, direction: Optional[optax.GradientTransformation],
 
 def sgd(
     learning_rate: ScalarOrSchedule,
-    momentum: float = 0.0,
+    momentum: ScalarOrSchedule = 0.0,
     *,
-    dampening: float = 0.0,
+    dampening: ScalarOrSchedule = 0.0,
     nesterov: bool = False,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: MaskOrFn = None,
@@ -161,23 +166,28 @@ def sgd(
   ``learning_rate`` and ``momentum`` are positional as in ``optax.sgd`` (whose buffer starts
   at zero; torch's, here, at the first gradient); the rest is keyword-only (optax's third
   positional argument is ``nesterov``). ``buffer_init``: see ``scale_by_momentum`` (it only
-  matters with ``dampening > 0``).
+  matters with ``dampening > 0``). ``momentum`` may be a schedule ``n -> value`` (n = updates
+  already applied), as torch's CyclicLR / OneCycleLR cycle it; a schedule always keeps the
+  buffer.
   """
   owner = "sgd"
-  check_scalar(owner, "momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
-  check_scalar(owner, "dampening", dampening, lo=0.0, hi=1.0)
+  transforms.check_decay(owner, "momentum", momentum)
+  if callable(dampening):  # ``momentum(beta=schedule)`` passes its beta as the dampening
+    check_schedule(owner, "dampening", dampening, lo=0.0, hi=1.0)
+  else:
+    check_scalar(owner, "dampening", dampening, lo=0.0, hi=1.0)
   check_bool(owner, "nesterov", nesterov)
   check_choice(owner, "buffer_init", buffer_init, ("grad", "zero"))
   direction = None
   if not is_static_zero(momentum) or nesterov:
     direction = transforms.scale_by_momentum(momentum, dampening=dampening, nesterov=nesterov,
                                              buffer_init=buffer_init)
-  return _named(owner, direction, learning_rate, weight_decay, mask, decay_first=True)
+  return named_chain(owner, direction, learning_rate, weight_decay, mask, decay_first=True)
 
 
 def momentum(
     learning_rate: ScalarOrSchedule,
-    beta: float = 0.9,
+    beta: ScalarOrSchedule = 0.9,
     *,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: MaskOrFn = None,
@@ -203,9 +213,12 @@ def momentum(
   Unlike the heavy-ball form (``sgd(momentum=...)``) the step size does not grow by
   ``1 / (1 - beta)``. (optax has no ``momentum`` alias; ``optax.sgd(lr, momentum=beta)`` is
   the heavy-ball form with a zero buffer.)
+
+  ``beta`` may be a schedule ``n -> value`` (n = updates already applied); the step then
+  uses the current value as both torch's ``momentum`` and ``dampening``.
   """
   owner = "momentum"
-  check_scalar(owner, "beta", beta, lo=0.0, hi=1.0, hi_open=True)
+  transforms.check_decay(owner, "beta", beta)
   check_choice(owner, "buffer_init", buffer_init, ("grad", "zero"))
   check_schedule(owner, "learning_rate", learning_rate, lo=0.0)
   check_schedule(owner, "weight_decay", weight_decay, lo=0.0)
@@ -229,7 +242,7 @@ def adagrad(
   initial_accumulator_value=0.1, eps=1e-7)`` orders (and places eps) differently.
   """
   direction = transforms.scale_by_adagrad(initial_accumulator_value, eps, lr_decay=lr_decay)
-  return _named("adagrad", direction, learning_rate, weight_decay, mask, decay_first=True)
+  return named_chain("adagrad", direction, learning_rate, weight_decay, mask, decay_first=True)
 
 
 def rmsprop(
@@ -238,7 +251,7 @@ def rmsprop(
     alpha: float = 0.99,
     eps: float = 1e-8,
     weight_decay: ScalarOrSchedule = 0.0,
-    momentum: float = 0.0,
+    momentum: ScalarOrSchedule = 0.0,
     centered: bool = False,
     mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
@@ -246,10 +259,12 @@ def rmsprop(
 
   Keyword-only after ``learning_rate``: ``optax.rmsprop(learning_rate, decay, eps,
   initial_scale, ...)`` orders differently (and puts eps inside the root by default).
+  ``momentum`` may be a schedule ``n -> value`` (n = updates already applied), as torch's
+  CyclicLR / OneCycleLR cycle it.
   """
   check_bool("rmsprop", "centered", centered)
   direction = transforms.scale_by_rmsprop(alpha, eps, centered=centered, momentum=momentum)
-  return _named("rmsprop", direction, learning_rate, weight_decay, mask, decay_first=True)
+  return named_chain("rmsprop", direction, learning_rate, weight_decay, mask, decay_first=True)
 
 
 def _adam_family(owner: str, *, learning_rate, b1, b2, eps, weight_decay, mask, coupled: bool,
@@ -267,11 +282,11 @@ def _adam_family(owner: str, *, learning_rate, b1, b2, eps, weight_decay, mask, 
   whole_step = (lambda layout, mask: fused_steps.adam_step(
       layout, learning_rate, weight_decay, mask, coupled=coupled, b1=b1, b2=b2, eps=eps,
       amsgrad=amsgrad, mu_dtype=mu_dtype, nu_dtype=nu_dtype)) if fused else None
-  return _named(owner, direction, learning_rate, weight_decay, mask, decay_first=coupled,
+  return named_chain(owner, direction, learning_rate, weight_decay, mask, decay_first=coupled,
                 whole_step=whole_step)
 
 
-def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
+def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: ScalarOrSchedule = 0.9, b2: float = 0.999,
          eps: float = 1e-8, *, amsgrad: bool = False, mu_dtype: Optional[Any] = None,
          nu_dtype: Optional[Any] = None, fused: bool = True) -> optax.GradientTransformation:
   """torch.optim.Adam without weight decay (see ``adam_l2`` and ``adamw``).
@@ -282,7 +297,8 @@ def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.
   return _adam_family("adam", weight_decay=0.0, mask=None, coupled=True, **locals())
 
 
-def adam_l2(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
+def adam_l2(learning_rate: ScalarOrSchedule = 1e-3, b1: ScalarOrSchedule = 0.9,
+            b2: float = 0.999,
             eps: float = 1e-8, *, weight_decay: ScalarOrSchedule = 0.01, mask: MaskOrFn = None,
             amsgrad: bool = False, mu_dtype: Optional[Any] = None,
             nu_dtype: Optional[Any] = None, fused: bool = True) -> optax.GradientTransformation:
@@ -297,7 +313,7 @@ def adam_l2(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float =
 
 def adamw(
     learning_rate: ScalarOrSchedule = 1e-3,
-    b1: float = 0.9,
+    b1: ScalarOrSchedule = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
@@ -320,6 +336,11 @@ def adamw(
   Returns ``optax.chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)``; with
   ``fused=True`` (default) ``jaxopt_llm.optim.update_and_apply`` runs it as one ordered pass
   per leaf, bitwise equal (see ``jaxopt_llm/optim/fused.py``).
+
+  ``b1`` (in ``adam``, ``adam_l2``, ``adamw``) may be a schedule ``n -> b1_n`` (n = updates
+  already applied), as torch's OneCycleLR / CyclicLR(cycle_momentum=True) rewrite
+  ``betas[0]``; the bias correction uses the current value, :math:`1 - b_{1,t}^t`, as torch
+  does. The fused whole step evaluates it the same way.
   """
   return _adam_family("adamw", coupled=False, **locals())
 
@@ -350,7 +371,7 @@ def lion(
   whole_step = (lambda layout, mask: fused_steps.lion_step(
       layout, learning_rate, weight_decay, mask, b1=b1, b2=b2, mu_dtype=mu_dtype)
   ) if fused else None
-  return _named("lion", direction, learning_rate, weight_decay, mask, decay_first=False,
+  return named_chain("lion", direction, learning_rate, weight_decay, mask, decay_first=False,
                 whole_step=whole_step)
 
 
@@ -395,5 +416,5 @@ def sophia(
   whole_step = (lambda layout, mask: fused_steps.sophia_step(
       layout, learning_rate, weight_decay, mask, b1=b1, b2=b2, rho=rho, eps=eps,
       mu_dtype=mu_dtype)) if fused else None
-  return _named("sophia", direction, learning_rate, weight_decay, mask, decay_first=False,
+  return named_chain("sophia", direction, learning_rate, weight_decay, mask, decay_first=False,
                 whole_step=whole_step)

@@ -60,6 +60,7 @@ from jaxopt_llm.optim.numerics import (
     match_leaves,
     require_params,
     store,
+    value_at,
 )
 
 __all__ = ["ChainLayout", "register_whole_step", "adam_step", "lion_step", "sophia_step",
@@ -241,17 +242,19 @@ def adam_step(layout: ChainLayout, learning_rate: Any, weight_decay: Any, mask: 
               coupled: bool, b1: Any, b2: Any, eps: Any, amsgrad: bool,
               mu_dtype: Optional[Any], nu_dtype: Optional[Any]) -> WholeStep:
   """Adam / AdamW / Adam-L2's whole step: decay (before the moments when ``coupled``),
-  ``adam_leaf``, lr, ``p + u``; stored moments written after p'."""
+  ``adam_leaf``, lr, ``p + u``; stored moments written after p'. A schedule ``b1`` is
+  evaluated at the state's count, as ``scale_by_adam`` does."""
 
   def step(grads, state, params, **extra_args):
     del extra_args
     adam = _direction_state(state, layout, transforms.ScaleByAdamState)
+    b1_t = value_at(b1, adam.count)
     count = optax.safe_increment(adam.count)
 
     def leaf(g, wd, scale, p, m, v, vm):
       if coupled and wd is not None:
         g = g + wd * p
-      formula = lambda old: transforms.adam_leaf(g, *old, count, b1=b1, b2=b2, eps=eps)
+      formula = lambda old: transforms.adam_leaf(g, *old, count, b1=b1_t, b2=b2, eps=eps)
       d, m1, v1, vm1 = formula((m, v, vm))
       if wd is not None and not coupled:
         d = d + wd * p

@@ -170,6 +170,55 @@ def ema(average: jax.Array, x: jax.Array, decay: Any) -> jax.Array:
   return decay * upcast(average) + (1.0 - decay) * upcast(x)
 
 
+def _split(a: jax.Array) -> tuple:
+  # Veltkamp's split: a = hi + lo exactly, each with half of a's significand.
+  t = (2.0 ** ((jnp.finfo(a.dtype).nmant + 2) // 2) + 1) * a
+  hi = t - (t - a)
+  return hi, a - hi
+
+
+def fma(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+  r""":math:`ab + c` rounded once, as a fused multiply-add (the CPU kernels of torch round
+  ``lerp`` and ``add(..., alpha=)`` so), in the common float dtype of the arguments.
+
+  XLA offers no FMA operation and its CPU backend rounds ``a*b + c`` twice, 1 ulp off in
+  about half the entries. Emulated here without a wider type: the product exactly as
+  ``p + e`` (Dekker's TwoProduct, Veltkamp splitting), ``c + p`` exactly as ``s + r``
+  (Knuth's TwoSum), then ``s + (r + e)``: torch's FMA result, bit for bit, except in rare
+  double-rounding ties. Where a step of that overflows (|a| or |b| near the dtype's max) or
+  is not finite, the plain ``a*b + c``. About 20 elementwise operations.
+  """
+  dtype = jnp.result_type(a, b, c)
+  a, b, c = (jnp.asarray(x, dtype) for x in (a, b, c))
+  p = a * b
+  ah, al = _split(a)
+  bh, bl = _split(b)
+  e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+  s = c + p
+  bb = s - c
+  r = (c - (s - bb)) + (p - bb)
+  out = s + (r + e)
+  return jnp.where(jnp.isfinite(out), out, p + c)
+
+
+def lerp(start: jax.Array, end: jax.Array, weight: Any) -> jax.Array:
+  r"""``torch.lerp(start, end, weight)``'s arithmetic, in the compute dtype, bit for bit.
+
+  :math:`s + w(e - s)` for :math:`|w| < 0.5`, else :math:`e + (w - 1)(e - s)` (torch's
+  ``is_lerp_weight_small`` branch, ATen's vectorised ``lerp``), the multiply-add rounded once
+  (``fma``), the weight taken in the compute dtype as torch's opmath does. Which form applies
+  is decided when the weight is a Python number, else per value (a traced ``momentum``).
+  """
+  dtype = jnp.promote_types(compute_dtype(jnp.asarray(start)), compute_dtype(jnp.asarray(end)))
+  s, e = jnp.asarray(start, dtype), jnp.asarray(end, dtype)
+  w = jnp.asarray(weight, dtype)
+  if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+    return fma(w, e - s, s) if abs(weight) < 0.5 else fma(w - 1, e - s, e)
+  small = fma(w, e - s, s)
+  large = fma(w - 1, e - s, e)
+  return jnp.where(jnp.abs(w) < 0.5, small, large)
+
+
 def store(x: jax.Array, dtype: Any, *, keep_nonzero: bool = False) -> jax.Array:
   """``x.astype(dtype)`` that saturates instead of overflowing to inf (fp16 state storage).
 
@@ -241,6 +290,17 @@ def is_static_zero(x: Any) -> bool:
   chain built at ``init`` equals the one built again inside ``update``.
   """
   return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
+
+
+def value_at(value: Any, count: jax.Array) -> Any:
+  """A hyperparameter that may be a schedule (``b1``, ``momentum``), at step ``count``.
+
+  ``count`` is the number of updates already applied (int32), as optax passes to a
+  learning-rate schedule. A number (or array) is returned as it is, so a Python float keeps
+  its exact arithmetic; a schedule returning a Python float (``optax.constant_schedule``)
+  therefore gives bit for bit the float's result.
+  """
+  return value(count) if callable(value) else value
 
 
 def map_leaves(fn: Callable[..., tuple], tree: Any, *others: Optional[Any],

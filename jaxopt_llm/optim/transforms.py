@@ -23,7 +23,9 @@ do; the ones optax lacks or orders differently are keyword-only.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
+
+import math
 
 import chex
 import jax
@@ -35,6 +37,7 @@ from jaxopt_llm._validation import (
     check_choice,
     check_float_dtype,
     check_scalar,
+    check_schedule,
 )
 from jaxopt_llm.optim.numerics import (
     F32,
@@ -53,14 +56,30 @@ from jaxopt_llm.optim.numerics import (
     safe_div,
     store_tree,
     upcast,
+    value_at,
     zeros_like,
 )
+
+# A number or a schedule ``n -> value`` (n: updates already applied, int32), like optax's
+# learning rates: b1 / momentum, which torch's OneCycleLR and CyclicLR(cycle_momentum=True)
+# rewrite before every step.
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
 def _check_decays(owner: str, **decays: Any) -> None:
   """Every EMA decay (b1, b2, alpha, ...) must be a number in [0, 1)."""
   for name, value in decays.items():
     check_scalar(owner, name, value, lo=0.0, hi=1.0, hi_open=True)
+
+
+def check_decay(owner: str, name: str, value: Any, *, hi: float = 1.0) -> None:
+  """A decay that may be a schedule (``b1``, ``momentum``): a number in [0, ``hi``) or a
+  schedule ``n -> value`` whose values are checked by ``check_schedule`` to lie in
+  [0, ``hi``) (a TypeError or ValueError naming ``name`` otherwise)."""
+  if callable(value):
+    check_schedule(owner, name, value, lo=0.0, hi=math.nextafter(hi, 0.0))
+  else:
+    check_scalar(owner, name, value, lo=0.0, hi=hi, hi_open=True)
 
 
 def _check_dtypes(owner: str, **dtypes: Any) -> None:
@@ -123,7 +142,11 @@ def add_decayed_weights(weight_decay: Any, mask: Any = None) -> optax.GradientTr
 
 
 class ScaleByAdamState(NamedTuple):
-  """State of ``scale_by_adam``: step count, first and second moments (and their max)."""
+  """State of ``scale_by_adam``: step count, first and second moments (and their max).
+
+  torch.optim.Adam / AdamW per-parameter state keys: ``count`` = ``step``, ``mu`` =
+  ``exp_avg``, ``nu`` = ``exp_avg_sq``, ``nu_max`` = ``max_exp_avg_sq`` (amsgrad).
+  """
   count: chex.Array  # int32, number of updates applied so far
   mu: optax.Updates
   nu: optax.Updates
@@ -150,7 +173,7 @@ def adam_leaf(g: jax.Array, m: jax.Array, v: jax.Array, v_max: Optional[jax.Arra
 
 
 def scale_by_adam(
-    b1: float = 0.9,
+    b1: ScalarOrSchedule = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
@@ -173,8 +196,14 @@ def scale_by_adam(
   second moment never rounds to 0 (``nu_dtype=float16`` underflows below 6e-8), and with
   ``eps=0`` an all-zero gradient history gives a 0 step, not 0/0.
 
+  ``b1`` may be a schedule ``n -> b1_n`` (n = updates already applied, as for a learning
+  rate): torch's OneCycleLR / CyclicLR(cycle_momentum=True) rewrite ``betas[0]`` before
+  every step, and torch then uses the *current* value everywhere, the bias correction
+  included: :math:`1 - b_{1,t}^t`. A schedule that returns Python floats
+  (``optax.constant_schedule``) gives bit for bit the float's result.
+
   Args:
-    b1: decay of the first moment, in [0, 1).
+    b1: decay of the first moment, in [0, 1), or a schedule of it.
     b2: decay of the second moment, in [0, 1).
     eps: added to the bias-corrected root of the second moment, >= 0.
     amsgrad: use the running maximum of the second moment.
@@ -182,7 +211,8 @@ def scale_by_adam(
     nu_dtype: storage dtype of the second moment (and of its maximum).
   """
   owner = "scale_by_adam"
-  _check_decays(owner, b1=b1, b2=b2)
+  check_decay(owner, "b1", b1)
+  _check_decays(owner, b2=b2)
   check_scalar(owner, "eps", eps, lo=0.0)
   _check_flags(owner, amsgrad=amsgrad)
   _check_dtypes(owner, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
@@ -197,9 +227,10 @@ def scale_by_adam(
   def update_fn(updates, state, params=None):
     check_state(owner, state, ScaleByAdamState)
     del params
+    b1_t = value_at(b1, state.count)
     count = optax.safe_increment(state.count)
     direction, mu, nu, nu_max = map_leaves(
-        lambda g, m, v, vm: adam_leaf(g, m, v, vm, count, b1=b1, b2=b2, eps=eps),
+        lambda g, m, v, vm: adam_leaf(g, m, v, vm, count, b1=b1_t, b2=b2, eps=eps),
         updates, state.mu, state.nu, state.nu_max, n_outputs=4, owner=owner)
     return direction, ScaleByAdamState(
         count=count,
@@ -478,7 +509,11 @@ def scale_by_sophia(
 
 
 class ScaleByMomentumState(NamedTuple):
-  """State of ``scale_by_momentum``: step count and the momentum buffer."""
+  """State of ``scale_by_momentum``: step count and the momentum buffer.
+
+  torch.optim.SGD per-parameter state: ``trace`` = ``momentum_buffer`` (torch has no step;
+  ``count == 0`` is torch's not-yet-created buffer, which the first step sets to ``g``).
+  """
   count: chex.Array
   trace: optax.Updates
 
@@ -502,9 +537,9 @@ def momentum_leaf(g: jax.Array, buf: jax.Array, first: Optional[jax.Array], *, m
 
 
 def scale_by_momentum(
-    momentum: float = 0.9,
+    momentum: ScalarOrSchedule = 0.9,
     *,
-    dampening: float = 0.0,
+    dampening: ScalarOrSchedule = 0.0,
     nesterov: bool = False,
     mu_dtype: Optional[Any] = None,
     buffer_init: str = "grad",
@@ -522,16 +557,24 @@ def scale_by_momentum(
   :math:`b_1 = (1-\tau) g_1` (the course-notes EMA form; equal to "grad" when
   ``dampening = 0``).
 
+  ``momentum`` (and ``dampening``) may be a schedule ``n -> value`` (n = updates already
+  applied): torch's CyclicLR / OneCycleLR rewrite SGD's ``momentum`` before every step; the
+  step uses the current value.
+
   Args:
-    momentum: the factor :math:`\mu`, in [0, 1).
-    dampening: :math:`\tau`, in [0, 1].
+    momentum: the factor :math:`\mu`, in [0, 1), or a schedule of it.
+    dampening: :math:`\tau`, in [0, 1], or a schedule of it (``optim.momentum`` passes its
+      ``beta`` here too).
     nesterov: Nesterov momentum (requires momentum > 0 and dampening == 0, as PyTorch).
     mu_dtype: storage dtype of the buffer.
     buffer_init: ``"grad"`` (PyTorch: :math:`b_1 = g_1`) or ``"zero"`` (:math:`b_0 = 0`).
   """
   owner = "scale_by_momentum"
-  _check_decays(owner, momentum=momentum)
-  check_scalar(owner, "dampening", dampening, lo=0.0, hi=1.0)
+  check_decay(owner, "momentum", momentum)
+  if callable(dampening):
+    check_schedule(owner, "dampening", dampening, lo=0.0, hi=1.0)
+  else:
+    check_scalar(owner, "dampening", dampening, lo=0.0, hi=1.0)
   _check_flags(owner, nesterov=nesterov)
   _check_dtypes(owner, mu_dtype=mu_dtype)
   check_choice(owner, "buffer_init", buffer_init, _BUFFER_INITS)
@@ -548,8 +591,10 @@ def scale_by_momentum(
     check_state(owner, state, ScaleByMomentumState)
     del params
     first = state.count == 0 if buffer_init == "grad" else None
+    momentum_t = value_at(momentum, state.count)
+    dampening_t = value_at(dampening, state.count)
     direction, trace = map_leaves(
-        lambda g, b: momentum_leaf(g, b, first, momentum=momentum, dampening=dampening,
+        lambda g, b: momentum_leaf(g, b, first, momentum=momentum_t, dampening=dampening_t,
                                    nesterov=nesterov),
         updates, state.trace, n_outputs=2, owner=owner)
     return direction, ScaleByMomentumState(
@@ -564,7 +609,10 @@ def scale_by_momentum(
 
 
 class ScaleByAdagradState(NamedTuple):
-  """State of ``scale_by_adagrad``: step count and the running sum of squared gradients."""
+  """State of ``scale_by_adagrad``: step count and the running sum of squared gradients.
+
+  torch.optim.Adagrad per-parameter state: ``count`` = ``step``, ``sum_of_squares`` = ``sum``.
+  """
   count: chex.Array
   sum_of_squares: optax.Updates
 
@@ -623,7 +671,11 @@ def scale_by_adagrad(
 
 
 class ScaleByRmspropState(NamedTuple):
-  """State of ``scale_by_rmsprop``: square average, gradient average (centered), buffer."""
+  """State of ``scale_by_rmsprop``: square average, gradient average (centered), buffer.
+
+  torch.optim.RMSprop per-parameter state keys: ``count`` = ``step``, ``square_avg``,
+  ``grad_avg`` and ``momentum_buffer`` under the same names.
+  """
   count: chex.Array
   square_avg: optax.Updates
   grad_avg: Optional[optax.Updates]  # centered=True only
@@ -661,7 +713,7 @@ def scale_by_rmsprop(
     eps: float = 1e-8,
     *,
     centered: bool = False,
-    momentum: float = 0.0,
+    momentum: ScalarOrSchedule = 0.0,
 ) -> optax.GradientTransformation:
   r"""torch.optim.RMSprop's direction (Hinton, 2012; ``rmsprop_leaf``).
 
@@ -675,9 +727,12 @@ def scale_by_rmsprop(
   ``eps = 0`` a zero-gradient step is exactly 0 (PyTorch: 0/0 = NaN); ``centered=True``
   needs ``eps > 0``: the centered variance :math:`s_t - \bar g_t^2` of a constant gradient
   decays to 0 (and rounds to 0 or below), so the step would grow without bound.
+  ``momentum`` may be a schedule ``n -> value`` (n = updates already applied; torch's
+  CyclicLR / OneCycleLR rewrite it before every step); a schedule always keeps the buffer.
   """
   owner = "scale_by_rmsprop"
-  _check_decays(owner, alpha=alpha, momentum=momentum)
+  _check_decays(owner, alpha=alpha)
+  check_decay(owner, "momentum", momentum)
   check_scalar(owner, "eps", eps, lo=0.0)
   _check_flags(owner, centered=centered)
   if centered and is_static_zero(eps):
@@ -696,8 +751,10 @@ def scale_by_rmsprop(
   def update_fn(updates, state, params=None):
     check_state(owner, state, ScaleByRmspropState)
     del params
+    momentum_t = value_at(momentum, state.count)
     direction, square_avg, grad_avg, buf = map_leaves(
-        lambda g, s, a, b: rmsprop_leaf(g, s, a, b, alpha=alpha, eps=eps, momentum=momentum),
+        lambda g, s, a, b: rmsprop_leaf(g, s, a, b, alpha=alpha, eps=eps,
+                                        momentum=momentum_t),
         updates, state.square_avg, state.grad_avg, state.momentum_buffer, n_outputs=4, owner=owner)
     return direction, ScaleByRmspropState(
         count=optax.safe_increment(state.count), square_avg=square_avg,

@@ -603,6 +603,13 @@ def test_nnx_step_equals_functional_optax_step():
     (lambda: optim.adagrad(0.1, lr_decay=-1.0), "lr_decay"),
     (lambda: optim.rmsprop(0.1, alpha=1.0), "alpha"),
     (lambda: optim.adam_l2(1e-3, weight_decay=-1.0), "weight_decay"),
+    # b1 / momentum schedules: their values are checked like the numbers ([0, 1))
+    (lambda: optim.adamw(1e-3, b1=lambda n: 1.0), "b1"),
+    (lambda: optim.adam(1e-3, b1=lambda n: 0.9 + 0.001 * n), "b1"),  # reaches 1 at 100
+    (lambda: optim.adam_l2(1e-3, b1=lambda n: float("nan")), "b1"),
+    (lambda: optim.sgd(0.1, momentum=lambda n: -0.1), "momentum"),
+    (lambda: optim.momentum(0.1, beta=lambda n: 1.0), "beta"),
+    (lambda: optim.rmsprop(0.1, momentum=lambda n: 1.5), "momentum"),
 ])
 def test_invalid_hyperparameters_raise_naming_the_argument(build, arg):
   with pytest.raises(ValueError, match=f"`{arg}`"):
@@ -632,6 +639,9 @@ NEEDS_PARAMS = {
     "lion": lambda: optim.lion(1e-3, weight_decay=0.1), "sophia": lambda: optim.sophia(1e-3),
     "sgd": lambda: optim.sgd(0.1, weight_decay=0.1),
     "adagrad": lambda: optim.adagrad(0.1, weight_decay=0.1),
+    "nadam": lambda: optim.nadam(weight_decay=0.1),
+    "radam": lambda: optim.radam(weight_decay=0.1, decoupled_weight_decay=True),
+    "adamax": lambda: optim.adamax(weight_decay=0.1),
 }
 
 
@@ -668,6 +678,13 @@ ALL = {
     "adagrad": lambda: optim.adagrad(0.1, weight_decay=0.5),
     "rmsprop": lambda: optim.rmsprop(0.1, weight_decay=0.5, centered=True, momentum=0.5),
     "schedule": lambda: optim.adamw(schedules.warmup_cosine(1e-2, 2, 10), weight_decay=0.5),
+    "adamw_b1_schedule": lambda: optim.adamw(
+        1e-2, b1=lambda n: 0.9 - 0.01 * jnp.minimum(n, 5), weight_decay=0.5),
+    "sgd_momentum_schedule": lambda: optim.sgd(
+        0.1, momentum=lambda n: 0.5 + 0.1 * jnp.minimum(n, 3), weight_decay=0.5),
+    "nadam": lambda: optim.nadam(1e-2, weight_decay=0.5),
+    "radam": lambda: optim.radam(1e-2, weight_decay=0.5, decoupled_weight_decay=True),
+    "adamax": lambda: optim.adamax(1e-2, weight_decay=0.5),
 }
 
 
@@ -884,3 +901,37 @@ def test_second_moment_overflow_steps_by_zero_never_nan():
     u, _ = tx.update(g, tx.init(p), p)
     assert np.all(np.isfinite(np.asarray(u)))
     assert float(u[0]) == 0.0 and float(u[1]) == 0.0 and float(u[2]) < 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# b1 / momentum as a schedule (torch's OneCycleLR / CyclicLR cycle_momentum; torch parity in
+# tests/optim/test_adam_variants.py)
+
+
+def test_b1_and_momentum_schedules_are_checked_naming_argument_and_step():
+  with pytest.raises(ValueError, match="adam: `b1` is a schedule that gives 1.0 at step 100"):
+    optim.adam(1e-3, b1=lambda n: jnp.minimum(0.9 + 0.001 * n, 1.0))
+  with pytest.raises(TypeError, match="sgd: `momentum` is a schedule that returned str"):
+    optim.sgd(0.1, momentum=lambda n: "0.9")
+  # b1 of Lion and Sophia stays a number (torch's schedulers do not cycle them)
+  with pytest.raises(TypeError, match="lion: `b1` must be a number, not a callable"):
+    optim.lion(1e-4, b1=lambda n: 0.9)
+
+
+def test_momentum_schedule_by_hand():
+  """SGD momentum with mu_n: b_1 = g_1, b_2 = mu_1 b_1 + g_2, b_3 = mu_2 b_2 + g_3 (mu read
+  at the number of updates already applied); ``momentum(beta=schedule)``: the EMA with the
+  current beta, b_t = beta_t b_{t-1} + (1 - beta_t) g_t."""
+  mus = [0.5, 0.7, 0.9]
+  sched = lambda n: jnp.asarray(mus)[n]
+  gs = [jnp.asarray([1.0, -2.0]), jnp.asarray([0.5, 4.0]), jnp.asarray([-1.0, 1.0])]
+  p = jnp.zeros(2)
+  for tx, ema in [(optim.sgd(1.0, momentum=sched), False),
+                  (optim.momentum(1.0, beta=sched), True)]:
+    s = tx.init(p)
+    b = None
+    for t, g in enumerate(gs):
+      u, s = tx.update(g, s, p)
+      mu = mus[t]
+      b = np.asarray(g) if b is None else mu * b + (1 - mu if ema else 1.0) * np.asarray(g)
+      np.testing.assert_allclose(np.asarray(u), -b, rtol=1e-6)

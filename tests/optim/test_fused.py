@@ -69,8 +69,16 @@ def _mask_tree(p):
   return {"dense": {"kernel": True, "bias": False}, "embed": True, "scale": False}
 
 
+def _b1_cycle(n):
+  """A b1 schedule like OneCycleLR's momentum cycle (0.85 .. 0.95)."""
+  return 0.85 + 0.05 * (1 + jnp.cos(2 * jnp.pi * n / 6))
+
+
 CONFIGS = {
     "adamw": lambda f: optim.adamw(1e-3, fused=f),
+    "adamw_b1_schedule": lambda f: optim.adamw(1e-3, b1=_b1_cycle, weight_decay=0.1, fused=f),
+    "adam_l2_bf16_b1_schedule": lambda f: optim.adam_l2(1e-3, b1=_b1_cycle, mu_dtype=BF16,
+                                                        amsgrad=True, fused=f),
     "adamw_b0.95_wd0.1_maskfn": lambda f: optim.adamw(
         3e-3, b2=0.95, weight_decay=0.1, mask=optim.weight_decay_mask, fused=f),
     "adamw_mask_tree": lambda f: optim.adamw(1e-2, weight_decay=0.3, mask=_mask_tree(None),
@@ -199,6 +207,7 @@ def _big_copies(tx, whole_step, n=4096):
     lambda: optim.adamw(1e-3, mu_dtype=BF16, nu_dtype=BF16),
     lambda: optim.adamw(1e-3, nu_dtype=F16, amsgrad=True),
     lambda: optim.adamw(1e-3),
+    lambda: optim.adamw(1e-3, b1=_b1_cycle, mu_dtype=BF16, nu_dtype=BF16),
 ])
 def test_update_and_apply_makes_no_state_copies_on_cpu(make):
   """Donated state must be updated in place: XLA copies it when two loops read the old
@@ -268,6 +277,13 @@ def test_inject_hyperparams_lr_weight_decay_and_betas():
   u, _ = jax.jit(tx.update)(_grad(p, 0), s, p)
   for leaf in jax.tree.leaves(u):
     np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+  # b1 injected (an array), and b1 a schedule inside inject_hyperparams (a static argument)
+  make_b1 = lambda f: optax.inject_hyperparams(optim.adamw)(learning_rate=1e-2, b1=0.8,
+                                                            fused=f)
+  chex.assert_trees_all_equal(_run(make_b1(True), 4), _run(make_b1(False), 4))
+  make_sched = lambda f: optax.inject_hyperparams(optim.adam, static_args="b1")(
+      learning_rate=1e-2, b1=_b1_cycle, fused=f)
+  chex.assert_trees_all_equal(_run(make_sched(True), 4), _run(make_sched(False), 4))
   lion = lambda f: optax.inject_hyperparams(optim.lion)(
       learning_rate=1e-3, weight_decay=0.2, fused=f)
   chex.assert_trees_all_equal(_run(lion(True), 6), _run(lion(False), 6))

@@ -48,6 +48,23 @@ def test_adam_one_step_by_hand():
   assert int(new_state[0].count) == 1
 
 
+def test_adam_scheduled_b1_by_hand():
+  """b1_t read at the number of updates applied, and used everywhere at step t as torch does
+  after OneCycleLR rewrote betas[0]: m_t = b1_t m + (1 - b1_t) g, m_hat = m_t / (1 - b1_t**t)
+  (the *current* b1 in the bias correction)."""
+  b1s = [0.95, 0.85, 0.9]
+  opt = optim.scale_by_adam(b1=lambda n: jnp.asarray(b1s)[n], b2=0.99)
+  gs = [np.array([0.5, -1.0]), np.array([2.0, 0.1]), np.array([-1.0, 3.0])]
+  s = opt.init(jnp.zeros(2))
+  m = v = np.zeros(2)
+  for t, g in enumerate(gs, start=1):
+    u, s = opt.update(jnp.asarray(g, jnp.float32), s)
+    b1 = b1s[t - 1]
+    m, v = b1 * m + (1 - b1) * g, 0.99 * v + 0.01 * g * g
+    want = m / (1 - b1 ** t) / (np.sqrt(v / (1 - 0.99 ** t)) + 1e-8)
+    np.testing.assert_allclose(np.asarray(u), want, rtol=2e-6)
+
+
 def test_adam_matches_equation_over_steps():
   b1, b2, eps = 0.8, 0.95, 1e-6
   opt = optim.scale_by_adam(b1, b2, eps)
@@ -236,5 +253,11 @@ def test_building_blocks_bad_input_and_keyword_only_arguments():
     optim.scale_by_sophia(rho=-1.0)
   with pytest.raises(ValueError, match="scale_by_rmsprop: `momentum`"):
     optim.scale_by_rmsprop(momentum=1.0)
+  with pytest.raises(ValueError, match="scale_by_rmsprop: `momentum` is a schedule"):
+    optim.scale_by_rmsprop(momentum=lambda n: 1.0)
+  with pytest.raises(ValueError, match="scale_by_adam: `b1` is a schedule"):
+    optim.scale_by_adam(b1=lambda n: -0.5)
+  with pytest.raises(ValueError, match="scale_by_momentum: `dampening` is a schedule"):
+    optim.scale_by_momentum(dampening=lambda n: 2.0)
   with pytest.raises(TypeError):  # optax.contrib.scale_by_sophia's 3rd positional is eps
     optim.scale_by_sophia(0.9, 0.99, 0.04)
