@@ -28,6 +28,14 @@ REQUIRED = {
     optim.adamw: {}, optim.adam: {}, optim.adam_l2: {}, optim.lion: {}, optim.sophia: {},
     optim.sgd: {"learning_rate": 0.1}, optim.momentum: {"learning_rate": 0.1},
     optim.adagrad: {}, optim.rmsprop: {},
+    optim.nadam: {}, optim.radam: {}, optim.adamax: {},
+    optim.scale_by_nadam: {}, optim.scale_by_radam: {}, optim.scale_by_adamax: {},
+    optim.adadelta: {}, optim.asgd: {}, optim.rprop: {}, optim.scale_by_adadelta: {},
+    optim.scale_by_asgd: {}, optim.scale_by_rprop: {}, optim.adafactor: {},
+    optim.scale_by_adafactor: {},
+    optim.muon: {}, optim.scale_by_muon: {}, optim.muon_with_adamw: {},
+    optim.scale_by_adjusted_learning_rate: {"learning_rate": 0.1},
+    optim.newton_schulz: {"x": jnp.ones((2, 3))},
     optim.scale_by_adam: {}, optim.scale_by_lion: {}, optim.scale_by_sophia: {},
     optim.scale_by_momentum: {}, optim.scale_by_adagrad: {}, optim.scale_by_rmsprop: {},
     optim.skip_spikes: {"inner": optim.adamw(1e-3)},
@@ -41,12 +49,38 @@ REQUIRED = {
     schedules.step_decay: {"lr": 1e-3, "step_size": 10},
     schedules.exponential_lr: {"lr": 1e-3, "gamma": 0.9},
     schedules.cosine_annealing: {"lr": 1e-3, "T_max": 10},
+    schedules.step_lr: {"lr": 1e-3, "step_size": 10},
+    schedules.multi_step_lr: {"lr": 1e-3, "milestones": [10, 20]},
+    schedules.constant_lr: {"lr": 1e-3}, schedules.linear_lr: {"lr": 1e-3},
+    schedules.polynomial_lr: {"lr": 1e-3},
+    schedules.cosine_annealing_lr: {"lr": 1e-3, "T_max": 10},
+    schedules.cosine_annealing_warm_restarts: {"lr": 1e-3, "T_0": 10},
+    schedules.cyclic_lr: {"base_lr": 1e-4, "max_lr": 1e-3}, schedules.cyclic_momentum: {},
+    schedules.one_cycle_lr: {"max_lr": 1e-3, "total_steps": 100},
+    schedules.one_cycle_momentum: {"total_steps": 100},
+    schedules.sequential_lr: {"schedules": [schedules.step_lr(1e-3, 10)] * 2, "milestones": [5]},
+    schedules.chained_scheduler: {"lr": 1e-3, "factors": [schedules.step_lr(1.0, 10)]},
+    schedules.lambda_lr: {"lr": 1e-3, "lr_lambda": lambda n: 1.0, "total_steps": 10},
+    schedules.multiplicative_lr: {"lr": 1e-3, "lr_lambda": lambda n: 1.0, "total_steps": 10},
+    schedules.reduce_lr_on_plateau: {"lr": 1e-3},
 }
 NOT_BUILDERS = {"update_and_apply", "is_fused", "state_bytes", "weight_decay_mask",
                 "gauss_newton_bartlett", "hutchinson", "update_every_k", "is_estimate_step",
-                "sophia_win_rate", "sophia_hessian_norm", "sophia_hessian_rejected"}
-# Arguments that are not hyperparameters (a transformation, checked separately).
-DATA = {"inner"}
+                "sophia_win_rate", "sophia_hessian_norm", "sophia_hessian_rejected",
+                "asgd_averaged_params", "muon_labels", "gauss_newton_bartlett_fused"}
+# Decays that may also be a schedule n -> value (torch's OneCycleLR / CyclicLR cycle them).
+DECAY_SCHEDULES = {
+    optim.adam: ("b1",), optim.adam_l2: ("b1",), optim.adamw: ("b1",),
+    optim.scale_by_adam: ("b1",), optim.nadam: ("b1",), optim.radam: ("b1",),
+    optim.adamax: ("b1",), optim.scale_by_nadam: ("b1",), optim.scale_by_radam: ("b1",),
+    optim.scale_by_adamax: ("b1",), optim.sgd: ("momentum", "dampening"),
+    optim.momentum: ("beta",), optim.rmsprop: ("momentum",),
+    optim.scale_by_momentum: ("momentum", "dampening"), optim.scale_by_rmsprop: ("momentum",),
+    optim.muon: ("momentum",), optim.muon_with_adamw: ("momentum",),
+    optim.scale_by_muon: ("momentum",),
+}
+# Arguments that are not hyperparameters (a transformation or functions, checked by their owners).
+DATA = {"inner", "scale_fn", "lr_lambda", "schedules", "factors", "x", "labels"}
 
 
 def _public_callables():
@@ -68,17 +102,21 @@ def _kind(param: inspect.Parameter) -> str:
   """What an argument holds, from its name and default: schedule / number / int / flag /
   dtype / choice / mask / optional number."""
   name, default = param.name, param.default
-  if name in ("learning_rate", "weight_decay"):
+  if isinstance(default, bool):
+    return "flag"
+  if name.endswith(("learning_rate", "weight_decay")):  # also muon_with_adamw's adamw_*
     return "schedule"
-  if name == "mask":
+  if name.endswith("mask"):
     return "mask"
+  if name == "adjust_lr_fn":
+    return "optional_choice"
   if name.endswith("_dtype"):
     return "dtype"
   if isinstance(default, bool):
     return "flag"
   if isinstance(default, str):
     return "choice"
-  if name in ("timescale",):
+  if name in ("timescale", "step_size_down"):
     return "optional_int"
   if isinstance(default, int) or name.endswith("_steps") or name in ("step_size", "T_max"):
     return "int"
@@ -92,8 +130,12 @@ BAD = {
                  lambda s: -1e-3 * s, lambda s: "0.1", lambda s: jnp.ones(2)],
     "number": [None, True, [0.1], jnp.ones(2), float("nan"), float("inf"), 1 + 2j,
                lambda s: 0.5],
+    "decay_schedule": [None, True, [0.1], jnp.ones(2), float("nan"), float("inf"), 1 + 2j,
+                       lambda s: float("nan"), lambda s: 1.5, lambda s: -0.1 * s,
+                       lambda s: "0.9", lambda s: jnp.ones(2)],
     "int": [None, True, 1.5, [1], float("nan")],
     "optional_int": [True, 1.5, [1]],
+    "optional_choice": [1, "nope"],
     "flag": [None, 1, 0, "False", "True"],
     "dtype": [jnp.int8, jnp.int32, jnp.bool_, jnp.complex64, 1, "float33"],
     "choice": [None, 1, "nope"],
@@ -106,7 +148,8 @@ def _sweep():
   for label, fn in _public_callables().items():
     for param in inspect.signature(fn).parameters.values():
       if param.name not in DATA:
-        kind = _kind(param)
+        kind = ("decay_schedule" if param.name in DECAY_SCHEDULES.get(fn, ())
+                else _kind(param))
         cases.append(pytest.param(fn, param.name, kind, id=f"{label}-{param.name}-{kind}"))
   return cases
 
