@@ -9,6 +9,7 @@ check PyTorch parity.
   jaxopt-llm compare  [--optimizers adamw,lion,sophia] [--steps 600] [--out DIR]
   jaxopt-llm schedule warmup_cosine --warmup-steps 1000 --steps 10000 --lr 1e-4 --out x.png
   jaxopt-llm parity   [--steps 200]
+  jaxopt-llm parity   --replay run.npz [--out divergence.png]   (a from_torch.Recorder file)
 
 The ``train`` / ``compare`` flags are generated from ``TrainConfig``'s fields: ``--n-layer``
 sets ``n_layer``, ``--lr`` sets ``lr``, and so on (help texts from the field comments).
@@ -68,6 +69,8 @@ def _installed(module: str) -> bool:
 def _needs(args) -> dict[str, tuple]:
   """``{extra: ((module, distribution), ...)}`` that this invocation imports."""
   needs = {k: tuple(v) for k, v in NEEDS.get(args.command, {}).items()}
+  if args.command == "parity" and getattr(args, "replay", None):
+    needs = {}  # a replay needs numpy and jax only (matplotlib for --out, optional)
   if args.command in ("train", "compare"):
     if getattr(args, "tensorboard", False):
       needs["train"] += (("tensorboardX", "tensorboardX"),)
@@ -278,6 +281,12 @@ def _build_parser(command: Optional[str]) -> argparse.ArgumentParser:
     q.add_argument("--steps", type=int, default=200, help="steps (default %(default)s)")
     q.add_argument("--tol", type=float, default=1e-5,
                    help="relative-error tolerance (default %(default)s)")
+    q.add_argument("--replay", metavar="RUN.npz", default=None,
+                   help="instead of the table: replay a run recorded with "
+                        "jaxopt_llm.from_torch.Recorder through the converted optimizer and "
+                        "report the divergence per step and param group")
+    q.add_argument("--out", metavar="PNG", default=None,
+                   help="with --replay: plot the divergence over steps (needs matplotlib)")
   return parser
 
 
@@ -437,8 +446,32 @@ def _cmd_parity(args) -> int:
     raise ValueError(f"--steps must be an integer >= 1, got {args.steps}")
   if not args.tol > 0 or args.tol == float("inf"):
     raise ValueError(f"--tol must be a finite number > 0, got {args.tol}")
+  if args.replay is not None:
+    return _replay(args)
+  if args.out is not None:
+    raise ValueError("--out goes with --replay")
   from jaxopt_llm.parity.__main__ import main as parity_main
   return parity_main(["--steps", str(args.steps), "--tol", repr(args.tol)])
+
+
+def _replay(args) -> int:
+  """``parity --replay``: the report of ``from_torch.replay``; status 1 over ``--tol``."""
+  if not os.path.isfile(args.replay):
+    raise ValueError(f"--replay: {args.replay!r} is not a file")
+  if args.out is not None:
+    check_out_file(args.out)
+  from jaxopt_llm.from_torch.replay import replay
+  report = replay(args.replay)
+  print(report)
+  if args.out is not None:
+    if _installed("matplotlib"):
+      report.plot(args.out)
+      print(f"wrote {args.out}")
+    else:
+      print("no plot: matplotlib is not installed (pip install 'jaxopt_llm[plots]')")
+  ok = report.worst <= args.tol
+  print(f"{'ok' if ok else 'FAIL'}: worst {report.worst:.2e} (tolerance {args.tol:.0e})")
+  return 0 if ok else 1
 
 
 def _cmd_sample(args) -> int:

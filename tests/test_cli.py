@@ -325,3 +325,59 @@ def test_help_texts_are_the_field_comments_without_section_headings():
   assert helps["hessian_every"] == "Sophia: Hessian estimate every k optimizer steps"
   # A comment continued on the next line belongs to its field.
   assert helps["gamma"].endswith("(default: reaches min lr at the end) factor")
+
+
+def _replay_file(tmp_path, steps=4):
+  """A tiny from_torch.Recorder recording: AdamW, two param groups, a LambdaLR."""
+  torch = pytest.importorskip("torch")
+  from jaxopt_llm import from_torch
+  gen = torch.Generator().manual_seed(0)
+  w = torch.randn(4, 3, generator=gen, requires_grad=True)
+  b = torch.randn(3, generator=gen, requires_grad=True)
+  opt = torch.optim.AdamW([{"params": [w]}, {"params": [b], "weight_decay": 0.0}], lr=1e-2)
+  sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 0.9 ** n)
+  rec = from_torch.Recorder(opt, sched, named_parameters={"w": w, "b": b}, max_steps=steps)
+  for _ in range(steps):
+    w.grad, b.grad = torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)
+    opt.step()
+    sched.step()
+  return rec.save(str(tmp_path / "run.npz"))
+
+
+def test_parity_replay_reports_and_plots(tmp_path, capsys):
+  path = _replay_file(tmp_path)
+  png = tmp_path / "div.png"
+  argv = ["parity", "--replay", path]
+  if importlib.util.find_spec("matplotlib") is not None:
+    argv += ["--out", str(png)]
+  assert cli.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "replay of torch.optim.AdamW + LambdaLR: 4 steps" in out and "ok: worst" in out
+  if "--out" in argv:
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_parity_replay_needs_no_torch_and_fails_over_tol(tmp_path, monkeypatch, capsys):
+  path = _replay_file(tmp_path)
+  monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+  assert cli.main(["parity", "--replay", path, "--tol", "1e-30"]) == 1
+  assert "FAIL: worst" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["parity", "--replay", "nowhere.npz"], "--replay: 'nowhere.npz' is not a file"),
+    (["parity", "--out", "x.png"], "--out goes with --replay"),
+])
+def test_parity_replay_bad_arguments_are_one_line(argv, needle, capsys):
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+
+
+def test_parity_replay_refuses_a_pickle_in_one_line(tmp_path, capsys):
+  import numpy as np
+  bad = tmp_path / "bad.npz"
+  np.savez(bad, format=np.array("jaxopt_llm.replay/1"), x=np.array([object()], dtype=object))
+  assert cli.main(["parity", "--replay", str(bad)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "pickled Python object" in err

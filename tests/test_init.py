@@ -8,7 +8,7 @@ import jaxopt_llm
 # Importing any of these from the core would make `pip install jaxopt_llm` (no extras) fail.
 TRAIN_ONLY = ("flax", "orbax", "tqdm", "matplotlib", "torch")
 CORE = ("jaxopt_llm", "jaxopt_llm.losses", "jaxopt_llm.optim", "jaxopt_llm.optim.hessian",
-        "jaxopt_llm.schedules", "jaxopt_llm.parallel")
+        "jaxopt_llm.schedules", "jaxopt_llm.parallel", "jaxopt_llm.from_torch")
 
 
 def test_core_imports_without_train_extras():
