@@ -7,6 +7,11 @@ there; a counted label outside ``[0, V)`` is *bad*: eagerly a ``ValueError``, un
 NaN in the value *and* the gradient (or a checkify check with ``validate=True``), never a
 silently wrong finite value.
 
+The per-token formula (``combine_token_loss``: label smoothing, torch's class weights,
+z-loss) and the (weighted) mean (``reduce_masked``) are written once here for
+``cross_entropy`` and the fused loss; soft targets (class probabilities) are
+``soft_nll``.
+
 The per-row negative log-likelihood ``-log softmax(z)_y`` of every softmax loss (token CE,
 the fused CE, InfoNCE, CLIP) is :func:`softmax_nll`: it keeps the relative precision of
 tiny losses (see there), so a well-fit token's loss is not the rounding error of
@@ -292,68 +297,283 @@ def token_log_probs(t: Targets) -> tuple[jax.Array, jax.Array]:
   return masked_log_probs(nll, t.valid, t.bad), lse
 
 
-def token_loss(logits: jax.Array, log_p: jax.Array, lse: jax.Array, valid: jax.Array, *,
-               label_smoothing: jax.Array | None, z_loss: jax.Array | None) -> jax.Array:
+def smoothing_term(logits: jax.Array, lse: jax.Array,
+                   class_weight: jax.Array | None = None) -> jax.Array:
+  r"""The label-smoothing term ``smooth`` of :func:`combine_token_loss`, per row::
+
+    smooth = sum_c w_c * (lse - z_c) / V     = sum_c w_c * (-log p_c) / V
+           = lse - mean_c z_c                 without class weights (w_c = 1)
+
+  (torch's ``cross_entropy(weight=w, label_smoothing=eps)`` weights the smoothing term by
+  every class's weight). Unweighted, the mean is ``sum_c (z_c / V)``, which does not
+  overflow at several logits of 3e38 where ``sum_c z_c`` would. Weighted, each term
+  ``lse - z_c`` is >= 0, so with ``w >= 0`` the sum has no cancellation and can overflow
+  to ``+inf`` but not give NaN; a class of weight 0 adds exactly 0 (value and gradient)
+  even where its logit is ``-inf`` (``0 * inf`` would be NaN).
+  """
+  dtype = logits.dtype
+  inv_v = jnp.asarray(1.0 / logits.shape[-1], dtype)
+  if class_weight is None:
+    return lse - jnp.sum(logits * inv_v, axis=-1)
+  w = jnp.asarray(class_weight, dtype)
+  return jnp.sum(zero_safe_mul(w * inv_v, lse[..., None] - logits), axis=-1)
+
+
+def zero_safe_mul(coef: jax.Array, x: jax.Array) -> jax.Array:
+  """``coef * x``, but exactly 0 where ``coef == 0`` and ``x`` is infinite (not NaN).
+
+  A NaN ``x`` stays NaN (a bad label's poison), and the derivatives are those of the
+  product: ``x`` w.r.t. ``coef`` (finite where ``x`` is), ``coef`` w.r.t. ``x``.
+  """
+  return coef * jnp.where((coef == 0) & jnp.isinf(x), 0.0, x)
+
+
+def combine_token_loss(nll: jax.Array, smooth: jax.Array | None, lse: jax.Array,
+                       valid: jax.Array, *, label_smoothing: jax.Array | None,
+                       z_loss: jax.Array | None,
+                       target_weight: jax.Array | None = None) -> jax.Array:
   r"""The per-token cross-entropy of ``cross_entropy`` and the fused loss, in one place::
 
-    loss = (1 - eps) * (-log p(y)) + eps * (lse - mean_c z_c) + z_loss * lse**2
+    loss = (1 - eps) * w_y * nll + eps * smooth + z_loss * lse**2
 
-  (``eps = label_smoothing``; torch's label smoothing plus PaLM's z-loss), 0 where the
-  token does not count. ``log_p`` is :func:`masked_log_probs`' output (NaN for a bad
-  label, which every branch keeps); ``None`` for a term leaves it out of the graph (see
-  :func:`is_concrete_zero`); a traced weight of 0 gives its term 0 even where it is inf.
+  (``eps = label_smoothing``; torch's label smoothing and class weights plus PaLM's
+  z-loss), 0 where the token does not count (``valid`` False). ``nll`` is the per-token
+  ``-log p(y)`` carrying NaN for a bad label (``-masked_log_probs(...)``; for soft targets
+  ``sum_c w_c q_c (-log p_c)``), ``smooth`` the caller's :func:`smoothing_term` (with the
+  same class weights), ``target_weight`` the label's class weight ``w_y`` per token
+  (``None``: 1). ``None`` for ``label_smoothing`` / ``z_loss`` leaves the term out of the
+  graph (see :func:`is_concrete_zero`; ``smooth`` may then be ``None``).
 
-  Every term is >= 0, so the sum can overflow to ``+inf`` (logits near the float32
-  range) but is never ``inf - inf = NaN``. Overflow-safe forms: the mean is
-  ``sum_c (z_c / V)`` (``sum_c z_c`` overflows at several logits of 3e38), and the z-loss
-  is ``(z_loss * lse) * lse``, whose reverse-mode derivative ``2 * z_loss * lse`` stays
-  finite for ``|lse| <= 3.4e38`` (``jnp.square``'s ``2 * lse`` would overflow first)
-  when the incoming cotangent is at most 1 (``jax.grad`` of the mean or sum).
+  Guarantees (each checked by the tests):
+
+  * A zero coefficient of ``nll`` (``eps == 1`` or ``w_y == 0``, traced or not) gives
+    its term exactly 0, also for an infinite ``nll`` (a ``-inf`` label logit), where
+    ``0 * inf`` would be NaN; a traced ``eps == 0`` / ``z_loss == 0`` likewise zeroes an
+    infinite ``smooth`` / ``lse**2``.
+  * A bad label's NaN in ``nll`` is kept by every branch (``0 * NaN`` is NaN), in the
+    value and, through ``masked_log_probs``' poison, in the gradient.
+  * With non-negative weights every term is >= 0, so the sum can overflow to ``+inf``
+    (logits near the float32 range) but is never ``inf - inf = NaN``. The z-loss is
+    ``(z_loss * lse) * lse``, whose reverse-mode derivative ``2 * z_loss * lse`` stays
+    finite for ``|lse| <= 3.4e38`` (``jnp.square``'s ``2 * lse`` would overflow first)
+    when the incoming cotangent is at most 1 (``jax.grad`` of the mean or sum).
   """
-  dtype = log_p.dtype
-  loss = -log_p
+  dtype = nll.dtype
+  coef = None
   if label_smoothing is not None:
-    eps = jnp.asarray(label_smoothing, dtype)
-    mean_z = jnp.sum(logits * jnp.asarray(1.0 / logits.shape[-1], dtype), axis=-1)
-    # eps == 1: 0 * nll, but 0 (not NaN) for an infinite nll and NaN for a bad label.
-    kept = jnp.where(eps == 1, 0.0 * jnp.where(jnp.isinf(loss), 0.0, loss), (1.0 - eps) * loss)
-    loss = kept + jnp.where(eps == 0, 0.0, eps * (lse - mean_z))
+    coef = 1.0 - jnp.asarray(label_smoothing, dtype)
+  if target_weight is not None:
+    w_y = jnp.asarray(target_weight, dtype)
+    coef = w_y if coef is None else coef * w_y
+  # coef == 0: 0 * nll, but 0 (not NaN) for an infinite nll and NaN for a bad label.
+  loss = nll if coef is None else zero_safe_mul(coef, nll)
+  if label_smoothing is not None:
+    loss = loss + zero_safe_mul(jnp.asarray(label_smoothing, dtype), smooth)
   if z_loss is not None:
     zl = jnp.asarray(z_loss, dtype)
     loss = loss + jnp.where(zl == 0, 0.0, (zl * lse) * lse)
   return jnp.where(valid, loss, 0.0)
 
 
-def reduce_masked(values: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:
-  """``"none"``: ``values``; ``"sum"``: their sum; ``"mean"``: sum / number of valid.
+def token_loss(logits: jax.Array, log_p: jax.Array, lse: jax.Array, valid: jax.Array, *,
+               label_smoothing: jax.Array | None, z_loss: jax.Array | None) -> jax.Array:
+  r"""The unweighted per-token cross-entropy from the logits (:func:`combine_token_loss`)::
 
-  ``values`` must already be 0 where not valid. The mean divides by ``max(count, 1)``:
-  an all-masked batch has sum 0, so the mean is 0.0 with zero gradient instead of 0/0.
+    loss = (1 - eps) * (-log p(y)) + eps * (lse - mean_c z_c) + z_loss * lse**2
+
+  ``log_p`` is :func:`masked_log_probs`' output (NaN for a bad label); 0 where the token
+  does not count.
+  """
+  smooth = None if label_smoothing is None else smoothing_term(logits, lse)
+  return combine_token_loss(-log_p, smooth, lse, valid, label_smoothing=label_smoothing,
+                            z_loss=z_loss)
+
+
+def reduce_masked(values: jax.Array, valid: jax.Array, reduction: str,
+                  weights: jax.Array | None = None) -> jax.Array:
+  r"""``"none"``: ``values``; ``"sum"``: their sum; ``"mean"``: a (weighted) mean.
+
+  ``values`` must already be 0 where not valid. Without ``weights`` the mean is
+  ``sum / max(count, 1)`` over the valid tokens: an all-masked batch has sum 0, so the
+  mean is 0.0 with zero gradient instead of 0/0. With per-token ``weights`` (the target
+  classes' weights ``w_y``) it is torch's weighted mean, ``sum / sum_{valid} w_y``; a
+  zero weight sum (no valid token, or only zero-weight targets) gives 0.0 with zero
+  gradient as well, where torch gives NaN (``0/0``) or ``inf``: a deliberate difference,
+  so a micro-batch holding only zero-weight classes does not poison the accumulated
+  gradient. A NaN sum (a bad label) stays NaN.
   """
   if reduction == "none":
     return values
   total = jnp.sum(values)
   if reduction == "sum":
     return total
-  count = jnp.sum(valid, dtype=total.dtype)
-  return total / jnp.maximum(count, 1.0)
+  if weights is None:
+    count = jnp.sum(valid, dtype=total.dtype)
+    return total / jnp.maximum(count, 1.0)
+  wsum = jnp.sum(jnp.where(valid, jnp.asarray(weights, total.dtype), 0.0))
+  nonzero = wsum != 0       # a NaN weight sum is "nonzero": its NaN is kept
+  return jnp.where(nonzero, total / jnp.where(nonzero, wsum, 1.0),
+                   0.0 * jnp.where(jnp.isinf(total), 0.0, total))
+
+
+def validated_class_weight(owner: str, weight: Any | None, vocab: int
+                           ) -> jax.Array | None:
+  """``weight`` (torch's per-class rescaling, shape ``[V]``) as a floating array (at least
+  float32: ``compute_dtype``), or None.
+
+  TypeError naming ``weight`` for a non-array (a string), ValueError for a non-real dtype
+  (bool, complex) or another shape than
+  ``(V,)``, and, when the values are concrete, for a negative or non-finite weight.
+  torch accepts negative weights; here they are rejected: the loss would be unbounded
+  below, and the per-token terms would no longer all be >= 0, so an overflow could give
+  ``inf - inf = NaN``, and the weighted mean's denominator could cross zero. A traced
+  weight is not checked (its values are unknown): keep it >= 0.
+  """
+  if weight is None:
+    return None
+  try:
+    w = jnp.asarray(weight)
+  except TypeError as e:
+    raise TypeError(f"{owner}: `weight` must be an array of per-class weights, got "
+                    f"{type(weight).__name__}: {e}") from None
+  if w.dtype == jnp.bool_ or not (jnp.issubdtype(w.dtype, jnp.floating)
+                                  or jnp.issubdtype(w.dtype, jnp.integer)):
+    raise ValueError(f"{owner}: `weight` must be a real (floating or integer) array of "
+                     f"per-class weights, got dtype {w.dtype}")
+  if w.shape != (vocab,):
+    raise ValueError(f"{owner}: `weight` must have shape (V,) = ({vocab},) (one weight "
+                     f"per class), got {w.shape}")
+  if is_concrete(w):
+    w_np = np.asarray(w, np.float64)
+    if not np.all(np.isfinite(w_np)) or np.any(w_np < 0):
+      bad = np.unique(w_np[~(np.isfinite(w_np) & (w_np >= 0))])
+      raise ValueError(f"{owner}: `weight` must be finite and >= 0 (a negative class "
+                       f"weight makes the loss unbounded below), got {bad[:10].tolist()}")
+  return w.astype(compute_dtype(w))
+
+
+def soft_targets(owner: str, logits: Any, probs: Any, *, where: Any | None,
+                 labels_name: str = "labels"
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Checks ``[..., V]`` class probabilities against the logits; returns ``(logits,
+  probs, valid)`` in ``compute_dtype(logits, probs)`` with rows that do not count zeroed
+  (so their inf/NaN cannot reach the value or the gradient)."""
+  logits = jnp.asarray(logits)
+  probs = jnp.asarray(probs)
+  check_floating(owner, "logits", logits)
+  if logits.shape[-1] == 0:
+    raise ValueError(f"{owner}: `logits` must have at least one class (last axis V >= 1), "
+                     f"got shape {logits.shape}")
+  if probs.shape != logits.shape:
+    raise ValueError(
+        f"{owner}: floating `{labels_name}` are class probabilities and must have the "
+        f"logits' shape {logits.shape}, got {probs.shape} (class indices must be an "
+        f"integer array of shape logits.shape[:-1] = {logits.shape[:-1]})")
+  shape = logits.shape[:-1]
+  valid = (jnp.ones(shape, jnp.bool_) if where is None
+           else as_mask(owner, where, shape))
+  dtype = compute_dtype(logits, probs)
+  z = jnp.where(valid[..., None], logits.astype(dtype), 0.0)
+  q = jnp.where(valid[..., None], probs.astype(dtype), 0.0)
+  return z, q, valid
+
+
+class SoftNll(NamedTuple):
+  """Per row of :func:`soft_nll`."""
+  nll: jax.Array      # sum_c w_c q_c (-log p_c)
+  smooth: jax.Array   # sum_c w_c (-log p_c) / V  (smoothing_term)
+  lse: jax.Array      # log sum_c exp(z_c)
+
+
+def soft_nll(logits: jax.Array, probs: jax.Array,
+             class_weight: jax.Array | None = None) -> SoftNll:
+  r"""The soft-target cross-entropy terms per row, from a stable log-softmax.
+
+  With ``m = z_t`` the largest logit (``t`` its first index) and
+  ``s = log1p(sum_{c != t} exp(z_c - m))`` (``= log sum_c exp(z_c - m)``, with ``log1p``
+  so that a confident row's tiny ``s`` keeps its relative precision, as
+  :func:`softmax_nll_parts` does), ``-log p_c = s + (m - z_c)``: a sum of two non-negative
+  terms, so no cancellation. ``m`` is taken by index (not ``max``), so its derivative
+  is exactly ``z_t``'s, ties included. Then::
+
+    nll    = sum_c w_c q_c (-log p_c)       (w_c = 1 without class weights)
+    smooth = sum_c w_c (-log p_c) / V
+
+  and torch's ``F.cross_entropy`` with probabilities ``q``, class weights ``w`` and label
+  smoothing ``eps`` (targets ``q (1 - eps) + eps / V``) is ``(1 - eps) nll + eps smooth``
+  (:func:`combine_token_loss`). A class with ``w_c q_c = 0`` adds exactly 0 even where
+  its logit is ``-inf`` (torch: ``0 * inf = NaN``); the derivatives w.r.t. ``z``, ``q``
+  and ``w`` are those of the formula.
+  """
+  dtype = logits.dtype
+  top = jnp.argmax(logits, axis=-1)[..., None]
+  m = jnp.take_along_axis(logits, top, axis=-1)
+  shifted = logits - m
+  not_top = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) != top
+  s = jnp.log1p(jnp.sum(jnp.where(not_top, jnp.exp(shifted), 0.0), axis=-1,
+                        keepdims=True))
+  neg_logp = s - shifted
+  a = probs if class_weight is None else class_weight * probs
+  nll = jnp.sum(zero_safe_mul(a, neg_logp), axis=-1)
+  inv_v = jnp.asarray(1.0 / logits.shape[-1], dtype)
+  if class_weight is None:
+    smooth = jnp.sum(neg_logp * inv_v, axis=-1)
+  else:
+    smooth = jnp.sum(zero_safe_mul(class_weight * inv_v, neg_logp), axis=-1)
+  return SoftNll(nll, smooth, (m + s)[..., 0])
 
 
 def token_cross_entropy(owner: str, labels_name: str, logits: Any, labels: Any, *,
                         ignore_index: int, label_smoothing: float, z_loss: float,
-                        reduction: str, where: Any | None, validate: bool) -> jax.Array:
+                        reduction: str, where: Any | None, validate: bool,
+                        weight: Any | None = None, allow_soft: bool = False) -> jax.Array:
   """``cross_entropy`` with the caller's name and labels' name in error messages (the
-  body of ``cross_entropy``, ``causal_lm_loss`` and ``masked_lm_loss``)."""
+  body of ``cross_entropy``, ``causal_lm_loss`` and ``masked_lm_loss``).
+
+  ``weight``: per-class weights ``[V]`` (:func:`validated_class_weight`). With
+  ``allow_soft``, floating ``labels`` are class probabilities of the logits' shape
+  (told from class indices by dtype only); otherwise labels must be integers.
+  """
   check_choice(owner, "reduction", reduction, REDUCTIONS)
   check_scalar(owner, "label_smoothing", label_smoothing, lo=0.0, hi=1.0)
   check_scalar(owner, "z_loss", z_loss, lo=0.0)
   check_bool(owner, "validate", validate)
+  eps = None if is_concrete_zero(label_smoothing) else label_smoothing
+  zl = None if is_concrete_zero(z_loss) else z_loss
+  labels_arr = jnp.asarray(labels)
+  if allow_soft and jnp.issubdtype(labels_arr.dtype, jnp.floating):
+    check_int(owner, "ignore_index", ignore_index)
+    if ignore_index >= 0:
+      # torch: "ignore_index is not supported for floating point target"; a negative
+      # one (the default -100) is ignored, as there.
+      raise ValueError(
+          f"{owner}: `ignore_index` ({ignore_index}) is not supported with class-"
+          f"probability `{labels_name}` (floating labels); mask tokens with `where`")
+    z, q, valid = soft_targets(owner, logits, labels_arr, where=where,
+                               labels_name=labels_name)
+    w = validated_class_weight(owner, weight, z.shape[-1])
+    if w is not None:   # one dtype for all: float64 if any of them is
+      dtype = compute_dtype(z, w)
+      z, q, w = z.astype(dtype), q.astype(dtype), w.astype(dtype)
+    terms = soft_nll(z, q, w)
+    loss = combine_token_loss(terms.nll, terms.smooth, terms.lse, valid,
+                              label_smoothing=eps, z_loss=zl)
+    # torch's soft-target mean divides by the number of tokens, not by the weights.
+    return reduce_masked(loss, valid, reduction)
+
   t = validated_targets(
-      owner, logits, labels, ignore_index=ignore_index, where=where, validate=validate,
-      labels_name=labels_name)
+      owner, logits, labels_arr, ignore_index=ignore_index, where=where,
+      validate=validate, labels_name=labels_name)
+  w = validated_class_weight(owner, weight, t.logits.shape[-1])
+  if w is None:
+    log_p, lse = token_log_probs(t)
+    loss = token_loss(t.logits, log_p, lse, t.valid, label_smoothing=eps, z_loss=zl)
+    return reduce_masked(loss, t.valid, reduction)
+  dtype = compute_dtype(t.logits, w)
+  t, w = t._replace(logits=t.logits.astype(dtype)), w.astype(dtype)
   log_p, lse = token_log_probs(t)
-  loss = token_loss(
-      t.logits, log_p, lse, t.valid,
-      label_smoothing=None if is_concrete_zero(label_smoothing) else label_smoothing,
-      z_loss=None if is_concrete_zero(z_loss) else z_loss)
-  return reduce_masked(loss, t.valid, reduction)
+  w_y = w[t.labels]
+  smooth = None if eps is None else smoothing_term(t.logits, lse, w)
+  loss = combine_token_loss(-log_p, smooth, lse, t.valid, label_smoothing=eps,
+                            z_loss=zl, target_weight=w_y)
+  return reduce_masked(loss, t.valid, reduction, w_y)

@@ -9,6 +9,7 @@ module's tests.)
 import math
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +112,11 @@ def _x64_cases():
   valid = flat_l != -100
   nll = np.where(valid, _np_nll(base.reshape(-1, 5), np.where(valid, flat_l, 0)), 0.0)
   mean_nll = nll.sum() / valid.sum()
+  flat_y0 = np.where(valid, flat_l, 0)
+  w5 = np.asarray([0.5, 1.0, 2.0, 0.25, 1.5])
+  soft = rng.dirichlet(np.ones(5), (2, 3))
+  softmax = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(
+      x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)
   shifted = lambda: jnp.asarray(base + 1e9, jnp.float64)
   lab = lambda: jnp.asarray(labels)
   feats = rng.standard_normal((3, 4))
@@ -149,6 +155,12 @@ def _x64_cases():
           L.fused_linear_cross_entropy(jnp.asarray(hidden), jnp.asarray(kernel),
                                        jnp.asarray(y6), bias=jnp.full((5,), 1e9),
                                        chunk_size=4), fused_ref),
+      "cross_entropy_weighted": lambda: (   # a float64 weight keeps float64 too
+          L.cross_entropy(shifted(), lab(), weight=jnp.asarray(w5, jnp.float64)),
+          (w5[flat_y0] * nll)[valid].sum() / w5[flat_y0][valid].sum()),
+      "cross_entropy_soft": lambda: (
+          L.cross_entropy(shifted(), jnp.asarray(soft, jnp.float64), label_smoothing=0.1),
+          (-(soft * 0.9 + 0.02) * np.log(softmax(base))).sum(-1).mean()),
       "perplexity": lambda: (L.perplexity(shifted(), lab()), np.exp(mean_nll)),
       "length_normalized_score": lambda: (
           L.length_normalized_score(shifted(), lab()),
@@ -210,6 +222,9 @@ def _empty_cases():
   return {
       "cross_entropy": (lambda z: L.cross_entropy(z, y), z, 0.0),
       "cross_entropy_sum": (lambda z: L.cross_entropy(z, y, reduction="sum"), z, 0.0),
+      "cross_entropy_weighted": (lambda z: L.cross_entropy(z, y, weight=jnp.ones(5)), z,
+                                 0.0),
+      "cross_entropy_soft": (lambda z: L.cross_entropy(z, jnp.zeros((0, 5))), z, 0.0),
       "causal_lm_loss": (lambda z: L.causal_lm_loss(z, jnp.zeros((2, 0), jnp.int32)),
                          jnp.zeros((2, 0, 5)), 0.0),
       "causal_lm_loss_T1": (lambda z: L.causal_lm_loss(z, jnp.zeros((2, 1), jnp.int32)),
@@ -277,15 +292,20 @@ _CALLS = {
 _REAL_BAD = ["0.1", [0.1, 0.2], float("nan"), None]
 _INT_BAD = ["3", 1.5, True, None]
 _FLAG_BAD = ["yes", 2, None]
+# Per-class weights (V = 3 here): a string, wrong shapes, bool, negative, non-finite.
+_WEIGHT_BAD = ["1.0", np.ones(2), np.ones((1, 3)), np.ones(3, bool), [1.0, -1.0, 1.0],
+               [1.0, np.nan, 1.0], [np.inf, 1.0, 1.0]]
 _HYPER = {
     # function: {argument: bad values}
     "cross_entropy": {"label_smoothing": _REAL_BAD + [1.5], "z_loss": _REAL_BAD + [-1.0],
                       "ignore_index": _INT_BAD, "reduction": ["avg", 1],
-                      "validate": _FLAG_BAD},
+                      "validate": _FLAG_BAD, "weight": _WEIGHT_BAD},
     "causal_lm_loss": {"label_smoothing": _REAL_BAD, "z_loss": _REAL_BAD,
-                       "ignore_index": _INT_BAD, "reduction": ["avg"], "validate": _FLAG_BAD},
+                       "ignore_index": _INT_BAD, "reduction": ["avg"], "validate": _FLAG_BAD,
+                       "weight": _WEIGHT_BAD},
     "masked_lm_loss": {"label_smoothing": _REAL_BAD, "z_loss": _REAL_BAD,
-                       "ignore_index": _INT_BAD, "reduction": ["avg"], "validate": _FLAG_BAD},
+                       "ignore_index": _INT_BAD, "reduction": ["avg"], "validate": _FLAG_BAD,
+                       "weight": _WEIGHT_BAD},
     "fused_linear_cross_entropy": {
         "label_smoothing": _REAL_BAD + [-0.1], "z_loss": _REAL_BAD,
         "ignore_index": _INT_BAD, "reduction": ["avg"], "chunk_size": ["3", 1.5, True, 0],
@@ -338,3 +358,98 @@ def test_every_public_loss_and_metric_of_these_modules_is_covered():
   assert owned - {"mask_tokens", "pairwise_cosine_similarity", "l2_normalize",
                   "combine_losses"} <= {k.split("_sum")[0].split("_T1")[0].replace(
                       "_symmetric", "") for k in _empty_cases()}
+
+
+# ---------------------------------------------------------------------------------------
+# combine_token_loss / reduce_masked / smoothing_term: the per-token formula and the
+# (weighted) mean that cross_entropy and the fused loss share.
+
+
+def test_combine_token_loss_equation_and_term_switches():
+  rng = np.random.default_rng(3)
+  nll, smooth, lse = (jnp.asarray(rng.uniform(0.1, 3.0, 6), jnp.float32) for _ in range(3))
+  w_y = jnp.asarray(rng.uniform(0.0, 2.0, 6), jnp.float32)
+  valid = jnp.asarray([True, True, False, True, True, False])
+  out = _common.combine_token_loss(nll, smooth, lse, valid, label_smoothing=0.2,
+                                   z_loss=1e-2, target_weight=w_y)
+  ref = np.where(valid, 0.8 * w_y * nll + 0.2 * smooth + 1e-2 * lse**2, 0.0)
+  chex.assert_type(out, jnp.float32)
+  chex.assert_trees_all_close(out, jnp.asarray(ref, jnp.float32), rtol=1e-6)
+  # None leaves a term out (smooth may then be None); target_weight=None is w_y = 1.
+  chex.assert_trees_all_close(
+      _common.combine_token_loss(nll, None, lse, valid, label_smoothing=None, z_loss=None),
+      jnp.where(valid, nll, 0.0))
+  # token_loss is the unweighted case with smoothing_term.
+  z = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 4, 6))
+  nll_z, lse_z = _common.softmax_nll(z, y)
+  log_p = _common.masked_log_probs(nll_z, valid, jnp.zeros(6, bool))
+  chex.assert_trees_all_close(
+      _common.token_loss(z, log_p, lse_z, valid, label_smoothing=0.3, z_loss=1e-3),
+      jnp.where(valid, 0.7 * nll_z + 0.3 * (lse_z - z.mean(-1)) + 1e-3 * lse_z**2, 0.0),
+      rtol=1e-6)
+
+
+def test_combine_token_loss_zero_coefficients_infinite_and_bad_terms():
+  """A zero coefficient (eps == 1, w_y == 0, z_loss == 0: traced) of an infinite term is
+  0 with finite gradients, never 0 * inf = NaN; a bad label's NaN is kept."""
+  inf = jnp.inf
+  nll = jnp.asarray([inf, inf, 2.0, jnp.nan])
+  smooth = jnp.asarray([1.0, 1.0, inf, 1.0])
+  lse = jnp.asarray([1.0, 1.0, 1.0, 1.0])
+  valid = jnp.ones(4, bool)
+
+  @jax.jit
+  def f(nll, eps, w_y, zl):
+    return _common.combine_token_loss(nll, smooth, lse, valid, label_smoothing=eps,
+                                      z_loss=zl, target_weight=w_y)
+
+  out = f(nll, 1.0, jnp.ones(4), 0.0)                # eps == 1: nll's term out
+  np.testing.assert_array_equal(np.asarray(out)[:2], [1.0, 1.0])
+  assert np.isinf(float(out[2])) and np.isnan(float(out[3]))
+  out = f(nll, 0.0, jnp.asarray([0.0, 1.0, 1.0, 0.0]), 0.0)   # w_y == 0, eps == 0
+  assert float(out[0]) == 0.0 and np.isinf(float(out[1])) and float(out[2]) == 2.0
+  assert np.isnan(float(out[3]))                     # 0 * NaN stays NaN
+  g = jax.grad(lambda n: jnp.sum(f(n, 1.0, jnp.ones(4), 0.0)[:2]))(nll)
+  assert np.isfinite(np.asarray(g)).all()
+  # zero_safe_mul: value and derivatives of the product (x w.r.t. coef where finite).
+  gc, gx = jax.grad(lambda c, x: jnp.sum(_common.zero_safe_mul(c, x)), (0, 1))(
+      jnp.asarray([0.0, 0.0, 2.0]), jnp.asarray([inf, 3.0, 3.0]))
+  np.testing.assert_array_equal(np.asarray(gc), [0.0, 3.0, 3.0])
+  np.testing.assert_array_equal(np.asarray(gx), [0.0, 0.0, 2.0])
+
+
+def test_reduce_masked_weighted_mean():
+  values = jnp.asarray([1.0, 2.0, 0.0, 4.0])
+  valid = jnp.asarray([True, True, False, True])
+  w = jnp.asarray([0.5, 2.0, 9.0, 1.5])
+  chex.assert_trees_all_close(_common.reduce_masked(values, valid, "mean", w),
+                              jnp.float32(7.0 / 4.0))   # / (0.5 + 2 + 1.5)
+  chex.assert_trees_all_close(_common.reduce_masked(values, valid, "mean"),
+                              jnp.float32(7.0 / 3.0))
+  chex.assert_trees_all_close(_common.reduce_masked(values, valid, "sum", w),
+                              jnp.float32(7.0))
+  assert _common.reduce_masked(values, valid, "none", w) is values
+  # Zero weight sum: 0.0 with zero gradient (torch: NaN), jitted too; NaN stays NaN.
+  f = jax.jit(jax.value_and_grad(
+      lambda v, w: _common.reduce_masked(v, valid, "mean", w), (0, 1)))
+  out, (gv, gw) = f(values, jnp.asarray([0.0, 0.0, 9.0, 0.0]))
+  assert float(out) == 0.0 and not np.asarray(gv).any() and not np.asarray(gw).any()
+  out, _ = f(values.at[0].set(jnp.nan), jnp.asarray([0.0, 0.0, 9.0, 0.0]))
+  assert np.isnan(float(out))
+  out, _ = f(values, jnp.asarray([jnp.nan, 1.0, 1.0, 1.0]))   # a NaN weight: NaN
+  assert np.isnan(float(out))
+
+
+def test_smoothing_term_weighted_equation():
+  rng = np.random.default_rng(4)
+  z = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32).at[1, 2].set(-jnp.inf)
+  w = jnp.asarray([1.0, 0.5, 0.0, 2.0, 1.0])
+  lse = jax.nn.logsumexp(z, axis=-1)
+  out = _common.smoothing_term(z, lse, w)
+  zf = np.where(np.isinf(np.asarray(z)), -1e30, np.asarray(z, np.float64))
+  lse64 = np.log(np.exp(zf).sum(-1))
+  ref = (np.asarray(w) * (lse64[:, None] - zf) * (np.asarray(w) > 0)).sum(-1) / 5
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-6)   # finite at the -inf logit
+  np.testing.assert_allclose(np.asarray(_common.smoothing_term(z[::2], lse[::2])),
+                             lse64[::2] - zf[::2].mean(-1), rtol=1e-6)

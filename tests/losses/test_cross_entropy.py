@@ -481,3 +481,268 @@ def test_out_of_range_label_under_jit_gives_nan_gradient_too(reduction):
   ids = jnp.asarray([[1, 2, 9]])
   g = jax.jit(jax.grad(lambda z: causal_lm_loss(z, ids)))(jnp.zeros((1, 3, 7)))
   assert np.isnan(np.asarray(g[0, 1])).all() and np.isfinite(np.asarray(g[0, 0])).all()
+
+
+# ---------------------------------------------------------------------------------------
+# 7. Class weights and soft targets (issue 17): torch's F.cross_entropy semantics.
+
+
+def _np_weighted(logits, labels, *, weight=None, ignore_index=IGNORE, label_smoothing=0.0,
+                 z_loss=0.0, reduction="mean", where=None):
+  """float64 reference from the docstring's equations, hard or soft (floating) labels."""
+  z = np.asarray(jnp.asarray(logits, jnp.float32), np.float64)
+  vocab = z.shape[-1]
+  w = np.ones(vocab) if weight is None else np.asarray(weight, np.float64)
+  m = z.max(-1, keepdims=True)
+  lse = np.log(np.exp(z - m).sum(-1)) + m[..., 0]
+  neg_logp = lse[..., None] - z
+  labels = np.asarray(labels)
+  eps = label_smoothing
+  if labels.dtype.kind == "f":
+    valid = np.ones(z.shape[:-1], bool) if where is None else np.asarray(where)
+    q = labels.astype(np.float64) * (1 - eps) + eps / vocab
+    loss = (w * q * neg_logp).sum(-1) + z_loss * lse**2
+    denom = valid.sum()
+  else:
+    valid = labels != ignore_index
+    if where is not None:
+      valid &= np.asarray(where)
+    y = np.where(valid, labels, 0)
+    w_y = w[y]
+    nll = np.take_along_axis(neg_logp, y[..., None], -1)[..., 0]
+    loss = (1 - eps) * w_y * nll + eps * (w * neg_logp).sum(-1) / vocab + z_loss * lse**2
+    denom = np.where(valid, w_y, 0).sum()
+  loss = np.where(valid, loss, 0.0)
+  if reduction == "none":
+    return loss
+  if reduction == "sum":
+    return loss.sum()
+  return loss.sum() / denom if denom else 0.0
+
+
+def _soft_batch(seed, shape=(3, 5), vocab=7, alpha=0.5):
+  rng = np.random.default_rng(seed)
+  logits = (3.0 * rng.standard_normal(shape + (vocab,))).astype(np.float32)
+  probs = rng.dirichlet(np.full(vocab, alpha), size=shape).astype(np.float32)
+  weight = rng.uniform(0.2, 2.0, vocab).astype(np.float32)
+  return jnp.asarray(logits), jnp.asarray(probs), jnp.asarray(weight)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weights_and_soft_targets_match_the_equations(soft, reduction):
+  logits, labels = _batch(50, n_ignored=3)
+  _, probs, weight = _soft_batch(50)
+  targets = probs if soft else labels
+  where = np.random.default_rng(2).random(labels.shape) < 0.8
+  for kw in (dict(weight=weight, label_smoothing=0.2, z_loss=1e-3),
+             dict(weight=weight, where=where, label_smoothing=1.0),
+             dict(label_smoothing=0.1, where=where)):   # soft without weights
+    out = cross_entropy(logits, targets, reduction=reduction, **kw)
+    chex.assert_type(out, jnp.float32)
+    chex.assert_shape(out, labels.shape if reduction == "none" else ())
+    _assert_close(out, _np_weighted(logits, targets, reduction=reduction, **kw),
+                  rtol=2e-6, atol=2e-6)
+
+
+def _torch_hard_label_smoothing(torch, z, y, w, *, ignore_index, label_smoothing,
+                                reduction):
+  """aten's ``cross_entropy_loss_label_smoothing`` (LossNLL.cpp) re-written with torch
+  ops, so the class weights get a gradient (``nll_loss`` has none w.r.t. ``weight``)."""
+  logp = torch.log_softmax(z, 1)
+  ignore = y == ignore_index
+  y0 = y.masked_fill(ignore, 0)
+  shape = [1] * z.ndim
+  shape[1] = -1
+  w_y = w[y0].masked_fill(ignore, 0.0)
+  nll = -logp.gather(1, y0.unsqueeze(1)).squeeze(1) * w_y
+  smooth = -(logp * w.view(shape)).sum(1).masked_fill(ignore, 0.0)
+  eps, vocab = label_smoothing, z.shape[1]
+  if reduction == "none":
+    return (1 - eps) * nll + smooth * (eps / vocab)
+  if reduction == "sum":
+    return (1 - eps) * nll.sum() + smooth.sum() * (eps / vocab)
+  return ((1 - eps) * nll.sum() + smooth.sum() * (eps / vocab)) / w_y.sum()
+
+
+def _torch_ce(torch, logits, targets, cot, **kw):
+  """torch's value and gradients w.r.t. logits, (soft) targets and weight."""
+  z_t = torch.tensor(np.asarray(logits), requires_grad=True)
+  soft = jnp.issubdtype(targets.dtype, jnp.floating)
+  t_t = (torch.tensor(np.asarray(targets), requires_grad=True) if soft
+         else torch.tensor(np.asarray(targets), dtype=torch.long))
+  w = kw.pop("weight", None)
+  w_t = None if w is None else torch.tensor(np.asarray(w), requires_grad=True)
+  ndim = z_t.ndim
+  z_in = z_t if ndim == 2 else z_t.permute(0, 2, 1)   # torch: classes on axis 1
+  t_in = t_t.permute(0, 2, 1) if soft and ndim == 3 else t_t
+  if soft or w_t is None:
+    out = torch.nn.functional.cross_entropy(z_in, t_in, weight=w_t, **kw)
+  else:
+    out = _torch_hard_label_smoothing(torch, z_in, t_in, w_t, **kw)
+    with torch.no_grad():   # the re-implementation is torch's own function
+      ref = torch.nn.functional.cross_entropy(z_in, t_in, weight=w_t.detach(), **kw)
+    np.testing.assert_allclose(out.detach().numpy(), ref.numpy(), rtol=1e-6, atol=1e-6)
+  (out * torch.tensor(cot)).sum().backward()
+  grads = (z_t.grad.numpy(), t_t.grad.numpy() if soft else None,
+           None if w_t is None else w_t.grad.numpy())
+  return out.detach().numpy(), grads
+
+
+@pytest.mark.parametrize("soft,weighted,label_smoothing,reduction,ndim", [
+    (False, True, 0.0, "mean", 3), (False, True, 0.1, "mean", 3),
+    (False, True, 0.1, "sum", 2), (False, True, 0.3, "none", 3),
+    (True, False, 0.0, "mean", 3), (True, True, 0.0, "mean", 2),
+    (True, True, 0.1, "mean", 3), (True, True, 0.2, "sum", 3),
+    (True, False, 0.1, "none", 2), (True, True, 0.1, "none", 3),
+])
+def test_weights_and_soft_targets_pytorch_parity(soft, weighted, label_smoothing,
+                                                 reduction, ndim):
+  """Values and gradients w.r.t. logits, soft targets and the class weights, fp32."""
+  torch = pytest.importorskip("torch")
+  logits, labels = _batch(60 + ndim, n_ignored=3)
+  _, probs, weight = _soft_batch(61, alpha=0.3 if soft else 1.0)
+  if ndim == 2:
+    logits, labels, probs = (x.reshape(-1, x.shape[-1]) for x in (logits, labels[..., None],
+                                                                   probs))
+    labels = labels[:, 0]
+  targets = probs if soft else labels
+  cot = np.random.default_rng(5).standard_normal(
+      labels.shape if reduction == "none" else ()).astype(np.float32)
+  w = weight if weighted else None
+  kw = dict(label_smoothing=label_smoothing, reduction=reduction)
+
+  def f(z, t, w):
+    out = cross_entropy(z, t, weight=w, **kw)
+    return jnp.sum(out * cot), out
+
+  argnums = tuple(i for i, on in enumerate((True, soft, weighted)) if on)
+  (_, out), grads = jax.value_and_grad(f, argnums, has_aux=True)(logits, targets, w)
+  ref, ref_grads = _torch_ce(torch, logits, targets, cot, weight=w, ignore_index=IGNORE,
+                             **kw)
+  _assert_close(out, ref, rtol=1e-5, atol=1e-6)
+  for g, r in zip(grads, [r for r in ref_grads if r is not None]):
+    _assert_close(g, r, rtol=1e-5, atol=1e-6)
+  # jit, with a traced weight, gives the same.
+  out_jit = jax.jit(lambda z, t, w: cross_entropy(z, t, weight=w, **kw))(logits, targets, w)
+  _assert_close(out_jit, ref, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), label_smoothing=st.sampled_from([0.0, 0.1, 1.0]),
+       scale=st.floats(0.1, 10.0), z_loss=st.sampled_from([0.0, 1e-3]))
+def test_one_hot_soft_targets_equal_hard_labels_and_uniform_weights_none(
+    seed, label_smoothing, scale, z_loss):
+  logits, labels = _batch(seed, n_ignored=0)
+  _, _, weight = _soft_batch(seed)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1])
+  kw = dict(label_smoothing=label_smoothing, z_loss=z_loss)
+  for w in (None, weight):
+    for red in ("none", "sum"):   # the means differ with weights (torch's rules)
+      _assert_close(cross_entropy(logits, onehot, weight=w, reduction=red, **kw),
+                    cross_entropy(logits, labels, weight=w, reduction=red, **kw),
+                    rtol=2e-5, atol=2e-5)
+  # Unweighted (or uniform weights and no z-loss) the mean agrees too.
+  _assert_close(cross_entropy(logits, onehot, **kw), cross_entropy(logits, labels, **kw),
+                rtol=2e-5, atol=2e-5)
+  # Uniform weights c: the weighted mean is the unweighted mean (c cancels); sum scales.
+  uniform = jnp.full(logits.shape[-1], scale, jnp.float32)
+  kw = dict(label_smoothing=label_smoothing)
+  _assert_close(cross_entropy(logits, labels, weight=uniform, **kw),
+                cross_entropy(logits, labels, **kw), rtol=2e-5, atol=2e-6)
+  _assert_close(cross_entropy(logits, labels, weight=uniform, reduction="sum", **kw),
+                scale * cross_entropy(logits, labels, reduction="sum", **kw),
+                rtol=2e-5, atol=2e-5)
+
+
+def test_zero_weights_give_zero_never_nan():
+  """A zero class weight adds exactly 0 even at a -inf logit (torch: NaN); a zero weight
+  sum gives 0.0 with zero gradient (torch: NaN); a bad label stays NaN."""
+  z = jnp.asarray([[0.0, -jnp.inf, 1.0], [2.0, 0.0, -1.0]])
+  w = jnp.asarray([1.0, 0.0, 2.0])
+  y = jnp.asarray([1, 0])   # token 0's label has weight 0 and logit -inf
+  for eps in (0.0, 0.1):
+    loss, grad = jax.value_and_grad(lambda z: cross_entropy(
+        z, y, weight=w, label_smoothing=eps, reduction="sum"))(z)
+    ref = _np_weighted(np.where(np.isinf(z), -1e30, z), y, weight=w, label_smoothing=eps,
+                       reduction="sum")
+    _assert_close(loss, ref, rtol=1e-6)
+    assert np.isfinite(np.asarray(grad)).all()
+  # Soft targets: q = 0 at the -inf logit.
+  q = jnp.asarray([[0.5, 0.0, 0.5], [0.0, 1.0, 0.0]])
+  loss, (gz, gq) = jax.value_and_grad(lambda z, q: cross_entropy(z, q, weight=w),
+                                      (0, 1))(z, q)
+  assert np.isfinite(float(loss)) and np.isfinite(np.asarray(gz)).all()
+  assert np.isfinite(np.asarray(gq)[0, [0, 2]]).all()
+  # Only zero-weight targets counted: 0.0 and zero gradient, eager and jitted, also for
+  # the smoothing term (whose own sum is not 0).
+  for f in (cross_entropy, jax.jit(cross_entropy, static_argnames="label_smoothing")):
+    loss, grad = jax.value_and_grad(lambda z: f(z, jnp.asarray([1, 1]), weight=w,
+                                                label_smoothing=0.1))(jnp.ones((2, 3)))
+    assert float(loss) == 0.0 and not np.asarray(grad).any()
+  # A bad label under jit is NaN, even where the safe index's weight (class 0) is 0.
+  w0 = jnp.asarray([0.0, 1.0, 1.0])
+  f = jax.jit(jax.value_and_grad(lambda z, y: cross_entropy(z, y, weight=w0)))
+  loss, grad = f(jnp.ones((2, 3)), jnp.asarray([5, IGNORE]))
+  assert np.isnan(float(loss)) and np.isnan(np.asarray(grad[0])).all()
+
+
+def test_soft_targets_mask_where_and_keep_tiny_losses():
+  logits, probs, weight = _soft_batch(70)
+  where = jnp.ones(probs.shape[:-1], bool).at[0, 1].set(False).at[2, 4].set(False)
+  bad_z = logits.at[0, 1].set(jnp.nan).at[2, 4, 3].set(jnp.inf)
+  bad_q = probs.at[0, 1].set(jnp.nan)
+  f = lambda z, q: cross_entropy(z, q, weight=weight, where=where, z_loss=1e-3,
+                                 label_smoothing=0.1)
+  loss, (gz, gq) = jax.value_and_grad(f, (0, 1))(bad_z, bad_q)
+  _assert_close(loss, _np_weighted(logits, probs, weight=weight, where=where, z_loss=1e-3,
+                                   label_smoothing=0.1), rtol=2e-6)
+  assert not np.asarray(gz[0, 1]).any() and not np.asarray(gq[2, 4]).any()
+  assert np.isfinite(np.asarray(gz)).all() and np.isfinite(np.asarray(gq)).all()
+  # A confident soft target: -log p ~ 8.4e-6 keeps its relative precision.
+  out = cross_entropy(jnp.asarray([[100.0, 88.0, 87.0]]), jnp.asarray([[1.0, 0.0, 0.0]]))
+  np.testing.assert_allclose(float(out), 8.404506e-6, rtol=1e-5)
+
+
+def test_weights_pass_through_causal_and_masked_lm_loss():
+  from jaxopt_llm.losses import masked_lm_loss
+  logits, ids = _batch(80, n_ignored=2)
+  _, _, weight = _soft_batch(80)
+  kw = dict(weight=weight, label_smoothing=0.1)
+  _assert_close(causal_lm_loss(logits, ids, **kw),
+                _np_weighted(logits[:, :-1], ids[:, 1:], **kw), rtol=2e-6)
+  _assert_close(masked_lm_loss(logits, ids, **kw), _np_weighted(logits, ids, **kw),
+                rtol=2e-6)
+  # Soft targets are cross_entropy's only: these take class indices.
+  _, probs, _ = _soft_batch(80)
+  with pytest.raises(ValueError, match="`labels`.*integer"):
+    masked_lm_loss(logits, probs)
+  with pytest.raises(ValueError, match="`input_ids`"):
+    causal_lm_loss(logits, probs)
+
+
+def test_bad_weight_and_soft_labels_raise_naming_them():
+  logits, probs, weight = _soft_batch(90)
+  labels = jnp.zeros(probs.shape[:-1], jnp.int32)
+  for bad in (weight[:-1], weight[None], jnp.ones(7, bool), jnp.ones(7, jnp.complex64),
+              weight.at[2].set(-0.5), weight.at[0].set(jnp.nan),
+              weight.at[0].set(jnp.inf), "1.0"):
+    with pytest.raises((TypeError, ValueError), match="`weight`"):
+      cross_entropy(logits, labels, weight=bad)
+    with pytest.raises((TypeError, ValueError), match="`weight`"):
+      cross_entropy(logits, probs, weight=bad)
+  # Integer weights are accepted (as floats).
+  _assert_close(cross_entropy(logits, labels, weight=jnp.arange(1, 8)),
+                _np_weighted(logits, labels, weight=np.arange(1, 8)), rtol=2e-6)
+  # Floating labels are probabilities: they must have the logits' shape.
+  for bad in (probs[..., :-1], probs[..., 0], probs[None]):
+    with pytest.raises(ValueError, match="`labels`"):
+      cross_entropy(logits, bad)
+  # torch: "ignore_index is not supported for floating point target" (a negative one,
+  # the default included, is ignored).
+  with pytest.raises(ValueError, match="`ignore_index`"):
+    cross_entropy(logits, probs, ignore_index=0)
+  _assert_close(cross_entropy(logits, probs, ignore_index=-1),
+                cross_entropy(logits, probs))
+  with pytest.raises(ValueError, match="`where`"):
+    cross_entropy(logits, probs, where=jnp.ones(probs.shape, bool))
