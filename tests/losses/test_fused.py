@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from jax.experimental import checkify
 
 from jaxopt_llm.losses import cross_entropy, fused_linear_cross_entropy
-from jaxopt_llm.losses import fused as fused_module  # KERNEL_GRAD_BLOCK_BYTES
-from jaxopt_llm.losses.fused import default_chunk_size
+from jaxopt_llm.losses import fused as fused_module  # UPCAST_BACKENDS
+from jaxopt_llm.losses.fused import default_chunk_size, default_vocab_block_size
 
 IGNORE = -100
 ARGS = (0, 1, 2)   # differentiate w.r.t. hidden, kernel, bias
@@ -188,9 +188,10 @@ def test_matches_pytorch(reduction):
 
 @settings(max_examples=5, deadline=None)
 @given(n=st.integers(1, 30), d=st.integers(1, 5), v=st.integers(1, 9),
-       chunk=st.integers(1, 40), seed=st.integers(0, 2**16),
+       chunk=st.integers(1, 40), block=st.integers(1, 12), seed=st.integers(0, 2**16),
        frac_ignored=st.floats(0.0, 1.0))
-def test_property_any_shape_and_chunk_matches_unfused(n, d, v, chunk, seed, frac_ignored):
+def test_property_any_shape_and_tile_matches_unfused(n, d, v, chunk, block, seed,
+                                                     frac_ignored):
   rng = np.random.default_rng(seed)
   hidden = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal((d, v)), jnp.float32)
@@ -198,6 +199,7 @@ def test_property_any_shape_and_chunk_matches_unfused(n, d, v, chunk, seed, frac
   labels[rng.random(n) < frac_ignored] = IGNORE
   labels = jnp.asarray(labels)
   fused = lambda h, w: fused_linear_cross_entropy(h, w, labels, chunk_size=chunk,
+                                                  vocab_block_size=block,
                                                   label_smoothing=0.05)
   ref = lambda h, w: _unfused(h, w, labels, label_smoothing=0.05)
   (val, grads), (ref_val, ref_grads) = jax.jit(lambda h, w: (
@@ -384,16 +386,19 @@ def _count_dots(fn, *args):
   return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
 
 
-def test_matmul_count_no_recompute_for_scalar_losses():
+def test_matmul_count_forward_once_backward_recomputes():
+  """Not differentiated: the logits only. Differentiated: the forward's logits, then the
+  backward's recomputed logits, dh and dW (4; the unfused path has 3: the recompute is
+  what a [d, V]-accumulator-free backward costs, replacing the earlier 3-matmul scheme
+  whose float32 [d, V] accumulator was 4x the kernel gradient at LLM shapes). A frozen
+  kernel skips dW; every reduction runs the same scheme."""
   hidden, kernel, bias, labels, cot = _data(11)
   mean = lambda h, w: fused_linear_cross_entropy(h, w, labels, chunk_size=8)
   none = lambda h, w: jnp.sum(cot * fused_linear_cross_entropy(
       h, w, labels, chunk_size=8, reduction="none"))
-  # Not differentiated: logits only. Differentiated (mean/sum): logits, dh, dW once each,
-  # as the unfused path; a frozen kernel skips dW. "none" recomputes the logits.
   assert _count_dots(mean, hidden, kernel) == 1
-  assert _count_dots(jax.value_and_grad(mean, (0, 1)), hidden, kernel) == 3
-  assert _count_dots(jax.grad(mean, 0), hidden, kernel) == 2
+  assert _count_dots(jax.value_and_grad(mean, (0, 1)), hidden, kernel) == 4
+  assert _count_dots(jax.grad(mean, 0), hidden, kernel) == 3
   assert _count_dots(jax.value_and_grad(none, (0, 1)), hidden, kernel) == 4
 
 
@@ -422,35 +427,44 @@ def test_no_tokens_by_vocab_buffer_in_compiled_program():
     assert c.memory_analysis().temp_size_in_bytes < full / 8
     biggest = max(int(np.prod([int(s) for s in m.split(",") if s]))
                   for m in _SHAPE_RE.findall(c.as_text()))
-    assert biggest <= default_chunk_size(n, v) * v < n * v // 8
+    tile = default_chunk_size(n, v) * default_vocab_block_size(n, v)
+    assert biggest <= max(tile, d * v) and tile < n * v // 8
 
 
-def test_default_chunk_size():
-  assert default_chunk_size(4096, 32000, "cpu") == 384          # 46.9 MiB block
-  assert default_chunk_size(8192, 128256, "gpu") == 1024        # 501 MiB block
-  assert default_chunk_size(4096, 128256, "cpu") == 64          # power of two below 128
-  assert default_chunk_size(100, 32000, "cpu") == 100           # never more than N
-  assert default_chunk_size(10**6, 10**7, "cpu") == 16          # floor
-  for n, v, backend in [(4096, 32000, "cpu"), (8192, 128256, "gpu"), (777, 3000, "tpu")]:
+def test_default_tile_sizes():
+  assert default_chunk_size(4096, 32000, "cpu") == 4096            # all the tokens
+  assert default_vocab_block_size(4096, 32000, "cpu") == 2000      # 16 blocks, 31 MiB
+  assert default_chunk_size(8192, 128256, "gpu") == 8192
+  assert default_vocab_block_size(8192, 128256, "gpu") == 4008     # 32 blocks, 125 MiB
+  assert default_chunk_size(10**6, 10**7, "cpu") == 65536          # [C, 128] is 32 MiB
+  assert default_vocab_block_size(100, 50, "cpu") == 50            # never more than V
+  for n, v, backend in [(4096, 32000, "cpu"), (8192, 128256, "gpu"), (777, 3000, "tpu"),
+                        (10**6, 10**7, "cpu"), (3, 7, "cpu")]:
     c = default_chunk_size(n, v, backend)
-    budget = (48 if backend == "cpu" else 512) * 2**20
-    assert c * v * 4 <= budget and (c % 128 == 0 or c == n)
+    b = default_vocab_block_size(n, v, backend)
+    budget = (32 if backend == "cpu" else 128) * 2**20
+    assert 1 <= c <= max(n, 1) and 1 <= b <= v
+    assert c * b * 4 <= budget or b == min(v, 128), (n, v, backend)
 
 
-def test_kernel_gradient_in_vocabulary_blocks(monkeypatch):
-  """The CPU path that forms dL/dkernel in column blocks (last block overlapping)."""
-  hidden, kernel, bias, labels, cot = _data(15)     # d = 6, V = 13
-  monkeypatch.setitem(fused_module.KERNEL_GRAD_BLOCK_BYTES, jax.default_backend(),
-                      4 * 6 * 5)                     # 5 columns: blocks at 0, 5, 8
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_vocabulary_blocks_and_token_chunks_overlapping(layout):
+  """Blocks of 5 columns (at 0, 5, 8: the last overlaps) and chunks of 7 tokens (the
+  last overlaps too): every tile counted once, in both kernel layouts."""
+  hidden, kernel, bias, labels, cot = _data(15)     # d = 6, V = 13, N = 40
+  w = kernel if layout == "dv" else kernel.T
   for reduction in ("mean", "none"):
     f = _scalar(fused_linear_cross_entropy, labels, cot, reduction, chunk_size=7,
-                label_smoothing=0.1)
-    ref = _scalar(_unfused, labels, cot, reduction, label_smoothing=0.1)
+                vocab_block_size=5, label_smoothing=0.1, z_loss=1e-3, kernel_layout=layout)
+    ref = _scalar(_unfused, labels, cot, reduction, label_smoothing=0.1, z_loss=1e-3)
+    ref_w = (lambda h, w, b: ref(h, w, b)) if layout == "dv" else (
+        lambda h, w, b: ref(h, w.T, b))
     (val, grads), (ref_val, ref_grads) = jax.jit(lambda h, w, b: (
-        jax.value_and_grad(f, ARGS)(h, w, b), jax.value_and_grad(ref, ARGS)(h, w, b)))(
-            hidden, kernel, bias)
+        jax.value_and_grad(f, ARGS)(h, w, b), jax.value_and_grad(ref_w, ARGS)(h, w, b)))(
+            hidden, w, bias)
     _assert_rel(val, ref_val, what=reduction)
     for g, rg in zip(grads, ref_grads):
+      chex.assert_equal_shape([g, rg])
       _assert_rel(g, rg, what=reduction)
 
 
@@ -621,3 +635,237 @@ def test_out_of_range_label_under_jit_gives_nan_gradients(reduction):
   _, ref = scalar(_unfused)(hidden, kernel, bias, bad)
   for a, b in zip((gh, gw, gb), ref):
     np.testing.assert_array_equal(np.isnan(np.asarray(a)), np.isnan(np.asarray(b)))
+
+
+# ---------------------------------------------------------------------------------------
+# 7. Issue 17: no [d, V] temporary, float32 accumulation, torch's linear_cross_entropy,
+#    class weights, kernel layouts, a vocabulary-sharded kernel.
+
+_F32_RE = re.compile(r"\bf32\[([\d,]*)\]")
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_no_float32_kernel_sized_buffer_bf16(layout):
+  """value_and_grad of a bf16 head: no float32 buffer of d*V/4 or more elements in the
+  compiled program (XLA:CPU used to hoist a float32 copy of the whole kernel out of the
+  loops, and the earlier scheme kept a float32 [d, V] gradient accumulator), and the
+  compiled temporary memory <= 1.5x the bf16 kernel gradient. The unfused program shows
+  that the check can fail."""
+  n, d, v, block = 128, 256, 16384, 512
+  kshape = (d, v) if layout == "dv" else (v, d)
+  spec = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16),
+          jax.ShapeDtypeStruct(kshape, jnp.bfloat16), jax.ShapeDtypeStruct((n,), jnp.int32))
+
+  def compiled(loss):
+    return jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*spec).compile()
+
+  def biggest_f32(c):
+    return max([int(np.prod([int(s) for s in m.split(",") if s] or [1]))
+                for m in _F32_RE.findall(c.as_text())] + [0])
+
+  fused = compiled(lambda h, w, y: fused_linear_cross_entropy(
+      h, w, y, vocab_block_size=block, kernel_layout=layout, label_smoothing=0.1,
+      z_loss=1e-4))
+  unfused = compiled(lambda h, w, y: cross_entropy(
+      (h @ w if layout == "dv" else h @ w.T).astype(jnp.float32), y))
+  assert biggest_f32(unfused) >= d * v
+  assert biggest_f32(fused) < d * v // 4, biggest_f32(fused)
+  grad_bytes = d * v * 2
+  assert fused.memory_analysis().temp_size_in_bytes <= 1.5 * grad_bytes
+
+
+def test_bf16_kernel_gradient_accumulates_in_float32():
+  """dL/dkernel of bf16 inputs is the float32 gradient of the same bf16 values, rounded
+  once to bf16 (within one bf16 rounding, 2^-8 relative), summed over 3 token chunks
+  and 4 vocabulary blocks; a bf16 accumulation would be off by several roundings."""
+  hidden, kernel, bias, labels, _ = _data(21, n=96, d=32, v=200, dtype=jnp.bfloat16)
+  f = lambda h, w: fused_linear_cross_entropy(h, w, labels, chunk_size=32,
+                                              vocab_block_size=50, label_smoothing=0.1)
+  ref = lambda h, w: _unfused(h, w, labels, label_smoothing=0.1)
+  (gh, gw), (rh, rw) = jax.jit(lambda h, w: (
+      jax.grad(f, (0, 1))(h, w),
+      jax.grad(ref, (0, 1))(h.astype(jnp.float32), w.astype(jnp.float32))))(hidden, kernel)
+  chex.assert_trees_all_equal_dtypes((gh, gw), (hidden, kernel))
+  for g, r in ((gh, rh), (gw, rw)):
+    g, r = np.asarray(g.astype(jnp.float32), np.float64), np.asarray(r, np.float64)
+    floor = 1e-6 * np.abs(r).max()
+    assert np.all(np.abs(g - r) <= 2.0**-8 * np.abs(r) + floor)
+
+
+def _torch_lce(torch, h, w, y, *, bias, weight, reduction, eps, chunked):
+  """torch.nn.functional.linear_cross_entropy (w: [V, d]) and its gradients."""
+  th, tw = (torch.tensor(np.asarray(x, np.float32), requires_grad=True) for x in (h, w))
+  tb = None if bias is None else torch.tensor(np.asarray(bias, np.float32),
+                                              requires_grad=True)
+  tcw = None if weight is None else torch.tensor(np.asarray(weight, np.float32))
+  ty = torch.tensor(np.asarray(y), dtype=torch.long)
+  options = torch.nn.LinearCrossEntropyOptions() if chunked else None
+  out = torch.nn.functional.linear_cross_entropy(
+      th, tw, ty, linear_bias=tb, weight=tcw, reduction=reduction, ignore_index=IGNORE,
+      label_smoothing=eps, options=options)
+  ct = torch.tensor(np.asarray(_data(0, n=h.shape[0])[4]))
+  (out if reduction != "none" else (out * ct).sum()).backward()
+  grads = (th.grad, tw.grad) + (() if tb is None else (tb.grad,))
+  return out.detach().numpy(), [g.numpy() for g in grads], np.asarray(ct.numpy())
+
+
+# (reduction, bias, weighted, label_smoothing): every option at least once, with both.
+_TORCH_COMBOS = [("mean", True, True, 0.0), ("sum", False, True, 0.1),
+                 ("none", True, False, 0.1), ("mean", False, False, 0.0),
+                 ("none", False, True, 0.0), ("mean", True, True, 0.2)]
+
+
+@pytest.mark.parametrize("reduction,use_bias,weighted,eps", _TORCH_COMBOS)
+def test_matches_torch_linear_cross_entropy(reduction, use_bias, weighted, eps):
+  """Values and input/weight/bias gradients of F.linear_cross_entropy, fp32, 1e-5: with
+  options=LinearCrossEntropyOptions() (torch's chunked path) where torch supports it
+  (no label smoothing), else the reference path. kernel_layout="vd" takes torch's
+  [V, d] weight as it is."""
+  torch = pytest.importorskip("torch")
+  if not hasattr(torch.nn.functional, "linear_cross_entropy"):
+    pytest.skip("torch without F.linear_cross_entropy (torch < 2.13)")
+  hidden, kernel, bias, labels, _ = _data(22, n=40, d=8, v=37)
+  w_vd = kernel.T
+  cls_w = jnp.asarray(np.random.default_rng(22).uniform(0.2, 2.0, 37), jnp.float32)
+  kw = dict(bias=bias if use_bias else None, weight=cls_w if weighted else None)
+  want, want_grads, ct = _torch_lce(torch, hidden, w_vd, labels, reduction=reduction,
+                                    eps=eps, chunked=eps == 0.0, **kw)
+  ct = jnp.asarray(ct)
+
+  def f(h, w, b):
+    out = fused_linear_cross_entropy(
+        h, w, labels, bias=b if use_bias else None, weight=kw["weight"],
+        label_smoothing=eps, reduction=reduction, kernel_layout="vd", chunk_size=16,
+        vocab_block_size=10)
+    return jnp.sum(out * ct) if reduction == "none" else out
+
+  out = fused_linear_cross_entropy(
+      hidden, w_vd, labels, label_smoothing=eps, reduction=reduction, kernel_layout="vd",
+      **kw)
+  grads = jax.jit(jax.grad(f, ARGS if use_bias else (0, 1)))(hidden, w_vd, bias)
+  _assert_rel(out, want, what="value")
+  for name, g, tg in zip(("input", "weight", "bias"), grads, want_grads):
+    _assert_rel(g, tg, what=name)
+
+
+def _np_weighted(h, w, b, y, cw, *, eps, zl, reduction):
+  """float64 torch-semantics weighted loss and gradients, from the equations:
+  loss_i = (1 - eps) w_y nll + eps sum_c w_c (lse - z_c) / V + zl lse^2, mean divided by
+  sum_i w_{y_i} over counted tokens."""
+  h, w, b, cw = (np.asarray(x, np.float64) for x in (h, w, b, cw))
+  y = np.asarray(y)
+  n, v = h.shape[0], w.shape[1]
+  z = h @ w + b
+  m = z.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[:, 0]
+  p = np.exp(z - lse[:, None])
+  valid = y != IGNORE
+  ys = np.where(valid, y, 0)
+  wy = cw[ys]
+  loss = ((1 - eps) * wy * (lse - z[np.arange(n), ys])
+          + eps * ((lse[:, None] - z) * cw).sum(-1) / v + zl * lse**2) * valid
+  dz = ((1 - eps) * wy[:, None] * (p - np.eye(v)[ys])
+        + eps * (cw.sum() / v * p - cw / v) + 2 * zl * lse[:, None] * p)
+  den = (wy * valid).sum() if reduction == "mean" else 1.0
+  g = dz * (valid / den)[:, None]
+  return loss.sum() / den, (g @ w.T, h.T @ g, g.sum(0))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_class_weights_match_equations_and_cross_entropy(reduction):
+  hidden, kernel, bias, labels, _ = _data(23, n=33, v=17)
+  cw = jnp.asarray(np.random.default_rng(23).uniform(0.0, 3.0, 17), jnp.float32)
+  cw = cw.at[3].set(0.0)
+  kw = dict(label_smoothing=0.15, z_loss=1e-3, reduction=reduction)
+  f = lambda h, w, b: fused_linear_cross_entropy(h, w, labels, bias=b, weight=cw,
+                                                 chunk_size=10, vocab_block_size=6, **kw)
+  g = lambda h, w, b: _unfused(h, w, labels, bias=b, weight=cw, **kw)
+  (val, grads), (uval, ugrads) = jax.jit(lambda h, w, b: (
+      jax.value_and_grad(f, ARGS)(h, w, b), jax.value_and_grad(g, ARGS)(h, w, b)))(
+          hidden, kernel, bias)
+  ref_val, ref_grads = _np_weighted(hidden, kernel, bias, labels, cw, eps=0.15, zl=1e-3,
+                                    reduction=reduction)
+  _assert_rel(val, ref_val)
+  _assert_rel(val, uval)
+  for a, b_, r in zip(grads, ugrads, ref_grads):
+    _assert_rel(a, r)
+    _assert_rel(a, b_)
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_vocabulary_sharded_kernel_equals_unsharded(layout):
+  """The kernel, bias and class weights split over the vocabulary on 8 devices
+  (axis_name="vocab"): loss and gradients equal the unsharded ones, and the compiled
+  program gathers nothing (the statistics are combined by all-reduces)."""
+  devices = jax.devices()
+  if len(devices) < 2:
+    pytest.skip("needs several devices (tests/conftest.py asks for 8 CPU devices)")
+  k = len(devices)
+  mesh = jax.sharding.Mesh(np.array(devices), ("vocab",))
+  P = jax.sharding.PartitionSpec
+  hidden, kernel, bias, labels, cot = _data(24, n=20, d=6, v=3 * k)
+  w = kernel if layout == "dv" else kernel.T
+  cw = jnp.asarray(np.random.default_rng(24).uniform(0.5, 2.0, 3 * k), jnp.float32)
+  kw = dict(label_smoothing=0.1, z_loss=1e-3, logit_soft_cap=5.0, kernel_layout=layout)
+  wspec = P(None, "vocab") if layout == "dv" else P("vocab", None)
+
+  for reduction in ("mean", "none"):
+    def local(h, w, b, c, y):
+      out = fused_linear_cross_entropy(h, w, y, bias=b, weight=c, reduction=reduction,
+                                       axis_name="vocab", chunk_size=7,
+                                       vocab_block_size=2, **kw)
+      return jnp.sum(out * cot) if reduction == "none" else out
+
+    sharded = jax.shard_map(local, mesh=mesh,
+                            in_specs=(P(), wspec, P("vocab"), P("vocab"), P()),
+                            out_specs=P())
+    step = jax.jit(jax.value_and_grad(lambda h, w, b: sharded(h, w, b, cw, labels), ARGS))
+    val, grads = step(hidden, w, bias)
+    ref = _scalar(fused_linear_cross_entropy, labels, cot, reduction, weight=cw, **kw)
+    ref_val, ref_grads = jax.jit(jax.value_and_grad(ref, ARGS))(hidden, w, bias)
+    _assert_rel(val, ref_val, what=reduction)
+    for g, rg in zip(grads, ref_grads):
+      _assert_rel(g, rg, what=reduction)
+    text = step.lower(hidden, w, bias).compile().as_text()
+    assert "all-gather" not in text and "all-reduce" in text
+
+
+@pytest.mark.parametrize("kwargs,match,exc", [
+    (dict(kernel_layout="auto"), "kernel_layout", ValueError),
+    (dict(kernel_layout="vd"), "kernel", ValueError),      # [3, 5] is not [V, d = 3]
+    (dict(vocab_block_size=0), "vocab_block_size", ValueError),
+    (dict(vocab_block_size=2.0), "vocab_block_size", ValueError),
+    (dict(weight=jnp.ones(4)), "weight", ValueError),
+    (dict(weight=-jnp.ones(5)), "weight", ValueError),
+    (dict(weight=jnp.ones(5, bool)), "weight", ValueError),
+    (dict(axis_name="vocab"), "axis_name", ValueError),   # no enclosing shard_map
+])
+def test_new_arguments_raise_naming_them(kwargs, match, exc):
+  hidden, kernel, labels = jnp.ones((6, 3)), jnp.ones((3, 5)), jnp.zeros(6, jnp.int32)
+  with pytest.raises(exc, match=match):
+    fused_linear_cross_entropy(hidden, kernel, labels, **kwargs)
+
+
+@pytest.mark.parametrize("dtypes", [(jnp.float32, jnp.float32), (jnp.float32, jnp.bfloat16),
+                                    (jnp.bfloat16, jnp.bfloat16)])
+def test_accelerator_formulation_on_cpu(monkeypatch, dtypes):
+  """GPU/TPU take the matmul operands in the inputs' dtype (bf16 products with float32
+  accumulation) instead of casting each block to float32: that path, run here on CPU,
+  against the float32 loss of the same (rounded) values."""
+  monkeypatch.setattr(fused_module, "UPCAST_BACKENDS", ())
+  hd, kd = dtypes
+  hidden, kernel, bias, labels, _ = _data(25, n=30, d=8, v=21)
+  hidden, kernel = hidden.astype(hd), kernel.astype(kd)
+  kw = dict(label_smoothing=0.1, z_loss=1e-3)
+  f = lambda h, w, b: fused_linear_cross_entropy(h, w, labels, bias=b, chunk_size=8,
+                                                 vocab_block_size=6, **kw)
+  up = lambda x: x.astype(jnp.float32)
+  g = lambda h, w, b: _unfused(up(h), up(w), labels, bias=b, **kw)
+  (val, grads), (ref_val, ref_grads) = jax.jit(lambda h, w, b: (
+      jax.value_and_grad(f, ARGS)(h, w, b), jax.value_and_grad(g, ARGS)(h, w, b)))(
+          hidden, kernel, bias)
+  chex.assert_trees_all_equal_dtypes(grads, (hidden, kernel, bias))
+  low = jnp.bfloat16 in dtypes
+  _assert_rel(val, ref_val, rtol=1e-5)
+  for gr, rg in zip(grads, ref_grads):   # bf16: the logits' gradient is rounded to bf16
+    _assert_rel(gr, rg, rtol=2e-2 if low else 1e-5)
