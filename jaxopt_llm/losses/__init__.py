@@ -9,7 +9,8 @@ One concept per module:
 ``preference`` (per-token/sequence log-probs, DPO family), ``kto`` / ``orpo`` / ``cpo`` / ``bco``
 (TRL's KTO, ORPO, CPO with SimPO/AlphaPO, and BCO trainer losses), ``grpo`` (the GRPO
 family's policy losses and group-relative advantages), ``log_probs`` (per-token
-log-probs from hidden states without the logits), ``divergence``
+log-probs from hidden states without the logits), ``sampling`` (a label per token
+from the LM head's softmax without the logits), ``divergence``
 (KL, entropy), ``metrics`` (perplexity, accuracies) and ``combine`` (weighted sums). The
 token losses share one validation/masking/formula module, ``_common``.
 
@@ -33,6 +34,7 @@ from jaxopt_llm.losses.cpo import cpo_loss
 from jaxopt_llm.losses.bco import BCOState, bco_init, bco_loss, bco_update
 from jaxopt_llm.losses.grpo import grpo_loss, group_advantages
 from jaxopt_llm.losses.log_probs import token_log_probs_from_hidden
+from jaxopt_llm.losses.sampling import categorical_from_hidden
 
 __all__ = [
     # cross_entropy.py
@@ -65,6 +67,8 @@ __all__ = [
     "grpo_loss",
     "group_advantages",
     "token_log_probs_from_hidden",
+    # sampling.py
+    "categorical_from_hidden",
     # contrastive.py
     "info_nce",
     "in_batch_info_nce",

@@ -11,6 +11,11 @@ refreshed every ``k`` steps (k=10 in the paper). Two estimators:
   identity (the sampled residual ``p_b - onehot(y_b)`` has mean 0 and covariance ``S_b``,
   independently over tokens) gives ``E[B * g_hat**2] = diag((1/B) sum_b J_b^T S_b J_b)``:
   the diagonal of the Gauss-Newton matrix of the mean loss. Always >= 0.
+  ``gauss_newton_bartlett_fused`` is the same estimate for a model whose logits are
+  ``hidden @ kernel (+ bias)``, from ``head_fn(params) -> (hidden, kernel)``: it samples the
+  labels blockwise over the vocabulary (``losses.categorical_from_hidden``) and
+  differentiates ``losses.fused_linear_cross_entropy``, so it never builds the ``[N, V]``
+  logits either (the trainer uses it when its loss is the fused one).
 * ``hutchinson``: ``u * (H u)`` with ``E[u u^T] = I`` (Rademacher or Gaussian ``u``) is an
   unbiased estimate of ``diag(H)`` for any twice-differentiable loss; it can be negative.
 
@@ -69,6 +74,8 @@ import optax
 
 from jaxopt_llm._shard_map import as_varying
 from jaxopt_llm._validation import check_choice, check_int, check_scalar
+from jaxopt_llm.losses.fused import fused_linear_cross_entropy
+from jaxopt_llm.losses.sampling import categorical_from_hidden
 from jaxopt_llm.optim.numerics import F32, is_frozen, upcast
 from jaxopt_llm.optim.transforms import ScaleBySophiaState
 
@@ -133,8 +140,7 @@ def gauss_newton_bartlett(
     it is not differentiated, and ``sophia`` keeps no curvature for it.
   """
   owner = "gauss_newton_bartlett"
-  if clip_norm is not None:
-    check_scalar(owner, "clip_norm", clip_norm, lo=0.0, lo_open=True)
+  _check_clip_norm(owner, clip_norm)
   if not callable(logits_fn):
     raise ValueError(f"{owner}: `logits_fn` must be callable params -> logits, got "
                      f"{type(logits_fn).__name__}")
@@ -149,33 +155,164 @@ def gauss_newton_bartlett(
     raise ValueError(f"{owner}: `logits_fn` must return logits of shape [..., V] with V >= 1, "
                      f"got shape {logits.shape}")
   z = jax.lax.stop_gradient(upcast(logits))
-  if where is None:
-    mask = jnp.ones(z.shape[:-1], z.dtype)
-  else:
-    if not hasattr(where, "dtype") and not isinstance(where, (list, tuple, bool, int)):
-      raise ValueError(f"{owner}: `where` must be a boolean (or integer 0/1) array, got "
-                       f"{type(where).__name__} {where!r}")
-    where = jnp.asarray(where)
-    if not (where.dtype == jnp.bool_ or jnp.issubdtype(where.dtype, jnp.integer)):
-      raise ValueError(f"{owner}: `where` must be a boolean (or integer 0/1) array, got dtype "
-                       f"{where.dtype}")
-    if where.shape != z.shape[:-1]:
-      raise ValueError(f"{owner}: `where` must have shape {z.shape[:-1]} (the logits' without "
-                       f"the vocabulary axis), got {where.shape}")
-    mask = where.astype(jnp.bool_).astype(z.dtype)
-
-  if axis is not None:
-    key = jax.random.fold_in(key, jax.lax.axis_index(axis))
-  labels = jax.random.categorical(key, z, axis=-1)
-  n_tokens = jnp.sum(mask)
-  if axis is not None:
-    n_tokens = jax.lax.psum(as_varying(n_tokens, axis), axis)
+  mask = _token_mask(owner, where, z.shape[:-1], "the logits' without the vocabulary axis")
+  labels = jax.random.categorical(_device_key(key, axis), z, axis=-1)
+  n_tokens = _count_tokens(mask, axis)
   # d(mean CE)/dz = (softmax(z) - onehot(y)) / B on counted tokens; max(B, 1) keeps an
   # all-masked batch at 0 instead of 0/0.
-  scale = mask / jnp.maximum(n_tokens, 1.0)
+  scale = mask.astype(z.dtype) / jnp.maximum(n_tokens, 1.0).astype(z.dtype)
   cotangent = (jax.nn.softmax(z, axis=-1)
                - jax.nn.one_hot(labels, z.shape[-1], dtype=z.dtype)) * scale[..., None]
   (grads,) = vjp_fn(cotangent.astype(logits.dtype))
+  return _bartlett_estimate(grads, n_tokens, axis, clip_norm)
+
+
+def gauss_newton_bartlett_fused(
+    head_fn: Callable[[Any], tuple],
+    params: Any,
+    key: jax.Array,
+    *,
+    where: Optional[jax.Array] = None,
+    axis_name: AxisName = None,
+    clip_norm: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    block_size: Optional[int] = None,
+) -> Any:
+  r"""``gauss_newton_bartlett`` from the LM head's input: never the ``[N, V]`` logits.
+
+  For a model whose logits are ``z = h(theta) W(theta) + b(theta)`` (hidden states times
+  the head kernel, e.g. a tied embedding), the same estimate as
+  :func:`gauss_newton_bartlett`:
+
+  .. math::
+    \hat y_b \sim \operatorname{softmax}(z_b),\qquad
+    \hat g = \nabla_\theta \frac{1}{B}\sum_{b} \operatorname{CE}(z_b(\theta), \hat y_b),
+    \qquad \hat H = B\,\hat g \odot \hat g
+
+  (Liu et al., 2023, Algorithm 2; B the number of counted tokens), computed the way the
+  fused loss computes the training loss: the labels are drawn with
+  ``losses.categorical_from_hidden`` (Gumbel-max over vocabulary blocks, an exact sample of
+  the softmax), and :math:`\hat g` is the gradient of
+  ``losses.fused_linear_cross_entropy`` (summed over counted tokens, divided by B) pulled
+  back through ``head_fn``. Peak memory is that of a fused-loss training step: an ``[N,
+  block_size]`` block for the sampling, a ``[chunk_size, V]`` block for the loss. Clipping,
+  ``axis_name`` and the non-float leaves follow :func:`gauss_newton_bartlett` (one shared
+  helper computes the psum, the clipping and ``B * g**2`` for both).
+
+  For the same labels the two estimators agree to float rounding (the tests check it); the
+  labels themselves differ for the same key (other Gumbel noise, see
+  ``categorical_from_hidden``), their distribution does not, so neither does the estimate's.
+
+  Args:
+    head_fn: ``params -> (hidden [..., d], kernel [d, V])`` or ``(hidden, kernel, bias
+      [V])`` (``bias`` may be None): the LM head's input and its ``[d, V]`` kernel (Flax
+      ``Dense`` layout; a tied embedding ``E [V, d]`` is ``E.T``), a closure over the inputs.
+      Products run in the dtype it returns them in, with float32 accumulation.
+    params: the point at which to estimate (any pytree; non-float leaves get float32 zeros).
+    key: PRNG key for the label sampling (with ``axis_name``: the same key on every
+      device; it is folded with the device index).
+    where: optional boolean (or 0/1 integer) mask of shape ``hidden.shape[:-1]``: True where
+      a token counts.
+    axis_name: the data-parallel axis (or axes) under ``pmap`` / ``shard_map``: every
+      device returns the global estimate (see :func:`gauss_newton_bartlett`).
+    clip_norm: as in :func:`gauss_newton_bartlett` (clip ``g_hat`` to this global L2 norm).
+    chunk_size: tokens per block of the fused loss (``fused_linear_cross_entropy``'s).
+    block_size: vocabulary columns per block of the sampling (``categorical_from_hidden``'s).
+
+  Returns:
+    A pytree like ``params`` (float32, or wider) of estimates >= 0; zeros when no token
+    counts.
+  """
+  owner = "gauss_newton_bartlett_fused"
+  _check_clip_norm(owner, clip_norm)
+  if chunk_size is not None:
+    check_int(owner, "chunk_size", chunk_size, lo=1)
+  if block_size is not None:
+    check_int(owner, "block_size", block_size, lo=1)
+  if not callable(head_fn):
+    raise ValueError(f"{owner}: `head_fn` must be callable params -> (hidden, kernel[, bias]), "
+                     f"got {type(head_fn).__name__}")
+  axis = _axis(axis_name)
+  if axis is not None:
+    params = as_varying(params, axis)
+  head, vjp_fn = jax.vjp(head_fn, params)
+  hidden, kernel, bias = _head_parts(owner, head)
+  mask = _token_mask(owner, where, hidden.shape[:-1], "hidden.shape[:-1]")
+  labels = categorical_from_hidden(hidden, kernel, _device_key(key, axis), bias=bias,
+                                   block_size=block_size)
+  n_tokens = _count_tokens(mask, axis)
+
+  def mean_ce(h, w, b):
+    total = fused_linear_cross_entropy(h, w, labels, bias=b, where=mask, reduction="sum",
+                                       chunk_size=chunk_size)
+    return total / jnp.maximum(n_tokens, 1.0).astype(total.dtype)
+
+  wrt = (0, 1) if bias is None else (0, 1, 2)
+  head_grads = iter(jax.grad(mean_ce, argnums=wrt)(hidden, kernel, bias))
+  # The cotangent of head_fn's output has its structure (a tuple or a list, a None bias).
+  cotangent = jax.tree.map(lambda _: next(head_grads), head)
+  (grads,) = vjp_fn(cotangent)
+  return _bartlett_estimate(grads, n_tokens, axis, clip_norm)
+
+
+def _check_clip_norm(owner: str, clip_norm: Any) -> None:
+  if clip_norm is not None:
+    check_scalar(owner, "clip_norm", clip_norm, lo=0.0, lo_open=True)
+
+
+def _device_key(key: jax.Array, axis: Any) -> jax.Array:
+  """With an axis: the key folded with the device index, so that devices sample apart."""
+  return key if axis is None else jax.random.fold_in(key, jax.lax.axis_index(axis))
+
+
+def _token_mask(owner: str, where: Any, shape: tuple, what: str) -> jax.Array:
+  """``where`` (default: all True) as a boolean array of the tokens' ``shape``."""
+  if where is None:
+    return jnp.ones(shape, jnp.bool_)
+  if not hasattr(where, "dtype") and not isinstance(where, (list, tuple, bool, int)):
+    raise ValueError(f"{owner}: `where` must be a boolean (or integer 0/1) array, got "
+                     f"{type(where).__name__} {where!r}")
+  where = jnp.asarray(where)
+  if not (where.dtype == jnp.bool_ or jnp.issubdtype(where.dtype, jnp.integer)):
+    raise ValueError(f"{owner}: `where` must be a boolean (or integer 0/1) array, got dtype "
+                     f"{where.dtype}")
+  if where.shape != tuple(shape):
+    raise ValueError(f"{owner}: `where` must have shape {tuple(shape)} ({what}), got "
+                     f"{where.shape}")
+  return where.astype(jnp.bool_)
+
+
+def _count_tokens(mask: jax.Array, axis: Any) -> jax.Array:
+  """B: the counted tokens (float32), summed over the devices with an axis."""
+  n_tokens = jnp.sum(mask, dtype=F32)
+  if axis is not None:
+    n_tokens = jax.lax.psum(as_varying(n_tokens, axis), axis)
+  return n_tokens
+
+
+def _head_parts(owner: str, head: Any) -> tuple:
+  """``(hidden, kernel, bias or None)`` from ``head_fn``'s output, checked."""
+  usage = ("must return (hidden [..., d], kernel [d, V]) or (hidden, kernel, bias [V])")
+  if not isinstance(head, (tuple, list)) or len(head) not in (2, 3):
+    raise ValueError(f"{owner}: `head_fn` {usage}, got {type(head).__name__}")
+  hidden, kernel, bias = (*head, None) if len(head) == 2 else head
+  for name, x in (("hidden", hidden), ("kernel", kernel), ("bias", bias)):
+    if x is None and name == "bias":
+      continue
+    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{owner}: `head_fn` {usage} of floating arrays; its {name} is "
+                       f"{getattr(x, 'dtype', type(x).__name__)}")
+  if (hidden.ndim < 1 or kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]
+      or kernel.shape[1] < 1 or (bias is not None and bias.shape != kernel.shape[1:])):
+    shapes = tuple(x.shape for x in (hidden, kernel, bias) if x is not None)
+    raise ValueError(f"{owner}: `head_fn` {usage}, got shapes {shapes}")
+  return hidden, kernel, bias
+
+
+def _bartlett_estimate(grads: Any, n_tokens: jax.Array, axis: Any,
+                       clip_norm: Optional[float]) -> Any:
+  """``B * g_hat**2`` from the local gradient ``g_hat`` of the mean sampled-label CE: both
+  estimators' last part (summed over devices, then clipped to ``clip_norm``)."""
   # A non-float parameter has a float0 cotangent: a float32 zero estimate, out of the norm.
   grads = jax.tree.map(lambda g: jnp.zeros(jnp.shape(g), F32) if is_frozen(g) else g, grads)
   if axis is not None:
@@ -401,6 +538,7 @@ def sophia_hessian_rejected(opt_state: Any) -> jax.Array:
 
 
 __all__ = [
-    "gauss_newton_bartlett", "hutchinson", "update_every_k", "is_estimate_step",
+    "gauss_newton_bartlett", "gauss_newton_bartlett_fused", "hutchinson", "update_every_k",
+    "is_estimate_step",
     "sophia_win_rate", "sophia_hessian_norm", "sophia_hessian_rejected",
 ]

@@ -13,7 +13,9 @@ with ``tx`` from ``train.optimizers.build`` (guard -> [accumulation] -> clip -> 
 schedule inside the optimizer). The guard (``optim.guards.skip_spikes``) returns zero updates
 on a skipped step; its counters tell the step's metrics what happened. Sophia's
 Gauss-Newton-Bartlett estimate comes from ``optim.hessian.update_every_k`` (a ``lax.cond``:
-the other steps pay nothing for it). The state is donated: write ``state, m = step(state, b)``.
+the other steps pay nothing for it); with the fused loss it is
+``hessian.gauss_newton_bartlett_fused``, which does not build the logits either. The state is
+donated: write ``state, m = step(state, b)``.
 
 Monitors (param and optimizer-state norms, Sophia's win rate) are a separate jitted function,
 ``prog.monitor(state)``, which the loop calls on logging steps only.
@@ -62,14 +64,23 @@ def lm_loss(model: GPT, tokens: jax.Array, *, z_loss: float = 0.0,
   """
   if not fused:
     return losses.causal_lm_loss(model(tokens), tokens, z_loss=z_loss)
+  h, kernel = lm_head_inputs(model, tokens)
+  return losses.fused_linear_cross_entropy(
+      h.reshape(-1, h.shape[-1]), kernel, tokens[:, 1:].reshape(-1), z_loss=z_loss)
+
+
+def lm_head_inputs(model: GPT, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(hidden [B, T-1, d], kernel [d, V])``: the LM head's input at the positions that
+  predict a next token, and its kernel, in the dtype the head's product runs in (bf16
+  operands for ``compute_dtype="bfloat16"``, float32 accumulation). The fused loss and
+  Sophia's fused Hessian estimate both start from them."""
   h = model.hidden(tokens)[:, :-1]
   kernel = model.head_kernel()
   if model.cfg.compute_dtype != "float32":  # bf16 products, float32 accumulation and loss
     h, kernel = h.astype(model.cfg.compute_dtype), kernel.astype(model.cfg.compute_dtype)
     if not mixed_dot_supported():  # the same numbers: float32 products of rounded operands
       h, kernel = h.astype(jnp.float32), kernel.astype(jnp.float32)
-  return losses.fused_linear_cross_entropy(
-      h.reshape(-1, h.shape[-1]), kernel, tokens[:, 1:].reshape(-1), z_loss=z_loss)
+  return h, kernel
 
 
 class TrainState(NamedTuple):
@@ -114,6 +125,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
     mini = _mini_step(state.opt_state, accum)
     if uses_hessian:
       def estimate_fn(p):
+        if fused:  # from the hidden states and the head kernel: never the [B*T, V] logits
+          return hessian.gauss_newton_bartlett_fused(
+              lambda q: lm_head_inputs(nnx.merge(graphdef, q), tokens), p, key)
         return hessian.gauss_newton_bartlett(
             lambda q: nnx.merge(graphdef, q)(tokens)[:, :-1], p, key)
       # update_every_k estimates when `count % (k * accum) == 0`: exactly on the micro-step

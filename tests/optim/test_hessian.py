@@ -1,6 +1,7 @@
 """Sophia's Hessian estimators (Gauss-Newton-Bartlett, Hutchinson) against their closed forms
 in expectation, on 8 devices with axis_name, the every-k train-step helper and the monitors."""
 import functools
+import re
 
 import chex
 import jax
@@ -138,6 +139,166 @@ def test_gnb_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------
+# Gauss-Newton-Bartlett from hidden states (fused): same estimate, no [N, V] logits
+
+
+def _linear_head(seed=0, shape=(4, 5), d_in=3, d=4, vocab=7):
+  """logits = (x A) W + c: the hidden states depend on params too (A), so the estimate is
+  pulled back through head_fn, not only taken at the head."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=shape + (d_in,)), jnp.float32)
+  params = {"A": jnp.asarray(rng.normal(size=(d_in, d)), jnp.float32),
+            "W": jnp.asarray(0.8 * rng.normal(size=(d, vocab)), jnp.float32),
+            "c": jnp.asarray(rng.normal(size=vocab), jnp.float32)}
+  head_fn = lambda p: (x @ p["A"], p["W"], p["c"])
+  logits_fn = lambda p: x @ p["A"] @ p["W"] + p["c"]
+  return x, params, head_fn, logits_fn
+
+
+def _float64_gnb(x, params, labels, where):
+  """B * g**2 in float64 (numpy) for logits = (x A) W + c: with r = (softmax(z) -
+  onehot(y)) * mask / B, g_W = h^T r, g_c = sum_b r_b, g_A = x^T (r W^T)."""
+  f64 = lambda a: np.asarray(a, np.float64)
+  x = f64(x).reshape(-1, x.shape[-1])
+  a, w, c = f64(params["A"]), f64(params["W"]), f64(params["c"])
+  mask = f64(where).reshape(-1)
+  h = x @ a
+  z = h @ w + c
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  b = mask.sum()
+  r = (p - np.eye(w.shape[1])[np.asarray(labels).reshape(-1)]) * mask[:, None] / b
+  g = {"A": x.T @ (r @ w.T), "W": h.T @ r, "c": r.sum(0)}
+  return {k: b * v**2 for k, v in g.items()}
+
+
+def _max_errors(tree, exact):
+  return {k: float(np.max(np.abs(np.asarray(tree[k], np.float64) - exact[k]))) for k in exact}
+
+
+def test_gnb_fused_equals_the_unfused_estimate_for_the_same_labels(monkeypatch):
+  x, params, head_fn, logits_fn = _linear_head()
+  where = jnp.asarray(np.random.default_rng(1).random((4, 5)) < 0.7)
+  key = jax.random.PRNGKey(5)
+  # The fused estimator's labels: the blockwise sampler with the same key.
+  labels = losses.categorical_from_hidden(*head_fn(params)[:2], key, bias=params["c"],
+                                          block_size=3)
+  fused = jax.jit(lambda p, clip: hessian.gauss_newton_bartlett_fused(
+      head_fn, p, key, where=where, clip_norm=clip, chunk_size=6, block_size=3),
+      static_argnums=1)
+  est = fused(params, None)
+  chex.assert_trees_all_equal_shapes_and_dtypes(est, params)
+  # Against the written equation in float64: B * g**2 on those labels. The fp32 reference
+  # (jax.grad of our cross_entropy on the full logits) rounds too, the A-gradient sums
+  # cancelling terms: the fused estimate must be no further from float64 than it (x2), and
+  # within 1e-6 of each leaf's scale.
+  exact = _float64_gnb(x, params, labels, where)
+  g = jax.jit(jax.grad(lambda q: losses.cross_entropy(logits_fn(q), labels, where=where)))(
+      params)
+  b = float(np.sum(where))
+  reference32 = jax.tree.map(lambda g: b * g**2, g)
+  err, ref_err = _max_errors(est, exact), _max_errors(reference32, exact)
+  for k in exact:
+    scale = np.max(np.abs(exact[k]))
+    assert err[k] <= max(2 * ref_err[k], 1e-6 * scale), (k, err[k], ref_err[k], scale)
+  chex.assert_trees_all_close(est, reference32, rtol=2e-5, atol=1e-6)
+  # Against the unfused estimator given the same labels (its sampler replaced), with and
+  # without clipping: one formula for B * g**2, clipping and the psum.
+  monkeypatch.setattr(jax.random, "categorical", lambda k, z, axis=-1: labels)
+  for clip in (None, 1e-3):
+    unfused = jax.jit(lambda p: hessian.gauss_newton_bartlett(
+        logits_fn, p, key, where=where, clip_norm=clip))(params)
+    scale = max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(unfused))
+    chex.assert_trees_all_close(fused(params, clip), unfused, rtol=2e-5, atol=1e-6 * scale)
+  assert float(optax.tree.norm(g)) > 1e-2   # the 1e-3 clip was active
+
+
+def test_gnb_fused_equals_gauss_newton_diagonal_in_expectation():
+  """The sampler and the estimate together: E[B g**2] = diag(GN) (closed form)."""
+  x, params, logits_fn = _softmax_regression()
+  where = jnp.array([[True, True, False], [True, False, True]])
+  head_fn = lambda p: [x, p["W"], p["c"]]   # a list works as a tuple does
+
+  @jax.jit
+  def sample(key):
+    return jax.vmap(lambda k: hessian.gauss_newton_bartlett_fused(
+        head_fn, params, k, where=where, block_size=2))(jax.random.split(key, 4000))
+
+  samples = _flat(sample(jax.random.PRNGKey(1)))
+  exact = _gauss_newton_diag(x, params, where)
+  exact_flat = np.concatenate([exact["W"].ravel(), exact["c"]])
+  ok = _within_standard_errors(samples, exact_flat)
+  assert ok.all(), (samples.mean(0)[~ok], exact_flat[~ok])
+  assert (samples >= 0).all()
+  assert not _within_standard_errors(samples, exact_flat * 1.1).all()
+
+
+def test_gnb_fused_no_bias_bf16_all_masked_and_bad_input():
+  x, params, head_fn, _ = _linear_head(seed=2)
+  key = jax.random.PRNGKey(0)
+  no_bias = {"A": params["A"], "W": params["W"]}
+  # (hidden, kernel) or (hidden, kernel, None): the same estimate.
+  p16 = jax.tree.map(lambda v: v.astype(jnp.bfloat16), params)
+
+  @jax.jit   # one compilation for the four
+  def run():
+    two = hessian.gauss_newton_bartlett_fused(lambda p: (x @ p["A"], p["W"]), no_bias, key)
+    three = hessian.gauss_newton_bartlett_fused(lambda p: (x @ p["A"], p["W"], None),
+                                                no_bias, key)
+    zero = hessian.gauss_newton_bartlett_fused(head_fn, params, key,
+                                               where=jnp.zeros((4, 5), bool))
+    est16 = hessian.gauss_newton_bartlett_fused(
+        lambda q: (x.astype(jnp.bfloat16) @ q["A"], q["W"], q["c"]), p16, key)
+    return two, three, zero, est16
+
+  two, three, zero, est16 = run()
+  chex.assert_trees_all_close(two, three, rtol=0, atol=0)
+  assert float(optax.tree.norm(two)) > 0
+  chex.assert_trees_all_close(zero, jax.tree.map(jnp.zeros_like, params), rtol=0, atol=0)
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(est16))
+  chex.assert_tree_all_finite(est16)
+
+  gnb = functools.partial(hessian.gauss_newton_bartlett_fused, params=params, key=key)
+  with pytest.raises(ValueError, match="`head_fn` must be callable"):
+    gnb(None)
+  with pytest.raises(ValueError, match="`head_fn` must return"):
+    gnb(lambda p: x @ p["A"] @ p["W"])
+  with pytest.raises(ValueError, match="`head_fn` must return.*shapes"):
+    gnb(lambda p: (x @ p["A"], p["W"].T))
+  with pytest.raises(ValueError, match="`head_fn` must return.*hidden is int32"):
+    gnb(lambda p: (jnp.ones((2, 4), jnp.int32), p["W"]))
+  with pytest.raises(ValueError, match="`where` must have shape"):
+    gnb(head_fn, where=jnp.ones((5, 4), bool))
+  with pytest.raises(ValueError, match="`where` must be a boolean"):
+    gnb(head_fn, where=jnp.ones((4, 5)))
+  with pytest.raises(ValueError, match="`clip_norm`"):
+    gnb(head_fn, clip_norm=0.0)
+  for name in ("chunk_size", "block_size"):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+      gnb(head_fn, **{name: 0})
+
+
+_SHAPE_RE = re.compile(r"\b(?:f|bf|s|u|pred)\d*\[([\d,]*)\]")
+
+
+def test_gnb_fused_compiles_without_a_tokens_by_vocab_buffer():
+  n, d, v = 16384, 16, 32768     # one float32 [N, V] array = 2 GiB
+  spec = (jax.ShapeDtypeStruct((n, d), jnp.float32),
+          {"W": jax.ShapeDtypeStruct((d, v), jnp.float32)},
+          jax.ShapeDtypeStruct((2,), jnp.uint32))
+  full = n * v * 4
+  fused = jax.jit(lambda x, p, k: hessian.gauss_newton_bartlett_fused(
+      lambda q: (x, q["W"]), p, k)).lower(*spec).compile()
+  unfused = jax.jit(lambda x, p, k: hessian.gauss_newton_bartlett(
+      lambda q: x @ q["W"], p, k)).lower(*spec).compile()
+  assert unfused.memory_analysis().temp_size_in_bytes >= full   # the measurement can tell
+  assert fused.memory_analysis().temp_size_in_bytes < full / 8
+  biggest = max(int(np.prod([int(s) for s in m.split(",") if s]))
+                for m in _SHAPE_RE.findall(fused.as_text()))
+  assert biggest < n * v // 8
+
+
+# ---------------------------------------------------------------------------------------------
 # Hutchinson
 
 
@@ -209,7 +370,7 @@ def test_hutchinson_bad_input():
     hessian.hutchinson(lambda p: 0.0, {"z": jnp.ones(3, jnp.complex64)}, jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+@pytest.mark.parametrize("estimator", ["gnb", "gnb_fused", "hutchinson"])
 def test_integer_leaves_get_a_zero_estimate_and_sophia_keeps_no_curvature_for_them(estimator):
   """Non-float parameter leaves are not differentiated (before: hutchinson refused them,
   GNB crashed on their float0 cotangent); the float leaves' estimate is unchanged."""
@@ -221,9 +382,11 @@ def test_integer_leaves_get_a_zero_estimate_and_sophia_keeps_no_curvature_for_th
   loss = lambda q: -jnp.mean(jax.nn.log_softmax(logits(q))[:, 0])
   if estimator == "gnb":
     est = lambda q: hessian.gauss_newton_bartlett(logits, q, key)
+  elif estimator == "gnb_fused":
+    est = lambda q: hessian.gauss_newton_bartlett_fused(lambda r: (x, r["w"]), q, key)
   else:
     est = lambda q: hessian.hutchinson(loss, q, key)
-  e_f, e_m = est(floats), jax.jit(est)(mixed)
+  e_f, e_m = jax.jit(est)(floats), jax.jit(est)(mixed)  # one compiler: the same rounding
   chex.assert_trees_all_close(e_m["w"], e_f["w"], rtol=1e-6)
   chex.assert_trees_all_equal(e_m["n"], jnp.zeros((), jnp.float32))
   chex.assert_trees_all_equal(e_m["ids"], jnp.zeros(2, jnp.float32))
@@ -297,6 +460,33 @@ def test_gnb_with_axis_name_equals_the_global_estimate(mode):
   g = reference(params)
   b = float(np.sum(where))
   expect = jax.tree.map(lambda g: b * g**2, g)
+  for i in range(N_DEV):
+    chex.assert_trees_all_close(jax.tree.map(lambda v: v[i], out), expect, rtol=2e-5,
+                                atol=1e-8)
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+def test_gnb_fused_with_axis_name_equals_the_global_estimate(mode):
+  _needs_devices()
+  x, _, params = _sharded_lm(seed=2)
+  where = jnp.asarray(np.random.default_rng(1).random((N_DEV, 3)) < 0.6).at[5].set(False)
+  key = jax.random.PRNGKey(13)
+
+  def per_device(p, k, xs, ws):
+    return hessian.gauss_newton_bartlett_fused(lambda q: (xs, q["W"], q["c"]), p, k,
+                                               where=ws, axis_name="data", block_size=2)
+
+  out = _on_devices(mode, per_device, (params, key), (x, where))
+
+  @jax.jit
+  def reference(p):  # device i samples with fold_in(key, i); the mean CE of the whole batch
+    labels = jax.vmap(lambda i, xs: losses.categorical_from_hidden(
+        xs, p["W"], jax.random.fold_in(key, i), bias=p["c"]))(jnp.arange(N_DEV), x)
+    return jax.grad(lambda q: losses.cross_entropy(x @ q["W"] + q["c"], labels,
+                                                   where=where))(p)
+
+  g = reference(params)
+  expect = jax.tree.map(lambda g: float(np.sum(where)) * g**2, g)
   for i in range(N_DEV):
     chex.assert_trees_all_close(jax.tree.map(lambda v: v[i], out), expect, rtol=2e-5,
                                 atol=1e-8)

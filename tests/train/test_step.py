@@ -1,5 +1,6 @@
 """The jitted train step: learning, the guard's skips, accumulation, Sophia's every-k estimate,
 the fused loss, evaluation, and data-parallel sharding on 8 virtual CPU devices."""
+import dataclasses
 import math
 import re
 
@@ -134,6 +135,49 @@ def test_sophia_estimates_on_the_applying_micro_step_every_k_optimizer_steps():
   assert float(stats["sophia_hessian_norm"]) > 0.0
 
 
+def test_sophia_with_the_fused_loss_estimates_from_hidden_states(monkeypatch):
+  """With the fused loss on, Sophia's estimate is the fused GNB (a spy counts its traces; the
+  logits-path estimator raises if called) and the step never builds [B, T, V] logits; with
+  the fused loss off, the same lowering does build them (so the check can fail)."""
+  from jaxopt_llm.optim import hessian
+  fused_calls = []
+  real_fused = hessian.gauss_newton_bartlett_fused
+
+  def spy(*args, **kwargs):
+    fused_calls.append(1)
+    return real_fused(*args, **kwargs)
+
+  def logits_path(*args, **kwargs):
+    raise AssertionError("the fused trainer fell back to the logits-path estimator")
+
+  cfg = tiny_cfg(optimizer="sophia", fused_ce="on", hessian_every=2)
+  with monkeypatch.context() as patched:
+    patched.setattr(hessian, "gauss_newton_bartlett_fused", spy)
+    patched.setattr(hessian, "gauss_newton_bartlett", logits_path)
+    prog = step.build_program(cfg, cached=False)
+    assert prog.fused
+    state = prog.init(0)
+    batch = fixed_batch()
+    fused_text = prog.step.lower(state, batch).as_text()
+    ms = []
+    for _ in range(3):
+      state, m = prog.step(state, batch)
+      ms.append(jax.device_get(m))
+  assert fused_calls, "the fused estimator was never traced"
+  assert [bool(m["estimated"]) for m in ms] == [True, False, True]
+  assert all(math.isfinite(float(m["loss"])) for m in ms)
+  stats = prog.monitor(state)
+  assert float(stats["sophia_hessian_norm"]) > 0.0
+  assert int(optim.sophia_hessian_rejected(state.opt_state)) == 0
+
+  vocab_size = cfg.model_config().vocab_size
+  logits_shapes = (f"tensor<8x16x{vocab_size}xf32>", f"tensor<128x{vocab_size}xf32>")
+  assert not any(s in fused_text for s in logits_shapes)
+  off = step.build_program(dataclasses.replace(cfg, fused_ce="off"), cached=False)
+  off_text = off.step.lower(jax.eval_shape(off.init, 0), batch).as_text()  # lowered only
+  assert any(s in off_text for s in logits_shapes)
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
   cfg = M.GPTConfig(n_layer=1, n_head=2, d_model=16, block_size=16)
@@ -232,8 +276,16 @@ def test_bf16_compiled_step_multiplies_in_bf16_and_keeps_float32_state_and_loss(
     # bf16-rounded operands: the same numbers.)
     low = [out for ops, out in dots if ops.count("bf16") == 2]
     assert len(dots) >= 3 * 7, dots
+    if fused == "on" and jax.default_backend() in losses.fused.UPCAST_BACKENDS:
+      # The fused head on CPU multiplies float32 blocks widened from the bf16 operands
+      # (the same products, faster on XLA:CPU; losses/fused.py): exactly its 4 products,
+      # each with the vocabulary dimension.
+      head = [ops for ops, _ in dots if f"x{data.VOCAB_SIZE}x" in ops]
+      assert len(head) == 4 and not any("bf16" in ops for ops in head), dots
+    else:
+      head = []
     if M.mixed_dot_supported():
-      assert len(low) == len(dots), dots
+      assert len(low) == len(dots) - len(head), dots
     else:  # the model's gradient products stay bf16 x bf16 -> bf16
       assert len(low) >= 2 * 6, dots
     assert sum(out.endswith("xf32>") for _, out in dots) >= 7
