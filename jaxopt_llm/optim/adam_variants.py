@@ -122,7 +122,8 @@ def nadam_leaf(g: jax.Array, m: jax.Array, v: jax.Array, *, b1: Any, b2: Any, ep
     u = c_\text{grad}\,\frac{g}{d} + c_\text{avg}\,\frac{m'}{d}
 
   (scalars from ``nadam_scalars``). With ``eps = 0`` an all-zero gradient history gives a 0
-  step, not 0/0.
+  step, not 0/0. A gradient beyond 1.8e19 overflows :math:`g^2` (float32) to inf: that
+  coordinate's :math:`v'` is inf and it steps by 0, as in Adam (and torch), never NaN.
   """
   g32 = upcast(g)
   m1 = ema(m, g32, b1)
@@ -263,7 +264,9 @@ def radam_leaf(g: jax.Array, m: jax.Array, v: jax.Array, *, b1: Any, b2: Any, ep
     \ \text{else}\ \hat m
 
   (scalars from ``radam_scalars``). With ``eps = 0`` an all-zero gradient history gives a 0
-  step, not 0/0.
+  step, not 0/0. A gradient beyond 1.8e19 overflows :math:`g^2` (float32) to inf: that
+  coordinate's :math:`v'` is inf and its rectified steps are 0, as in Adam (and torch), never
+  NaN (the unrectified first steps, :math:`\hat m`, do not read :math:`v`).
   """
   g32 = upcast(g)
   m1 = ema(m, g32, b1)

@@ -67,7 +67,9 @@ def adadelta_leaf(g: jax.Array, v: jax.Array, a: jax.Array, *, rho: Any, eps: An
     a' = \rho a + (1-\rho) \Delta^2
 
   The direction :math:`\Delta` has ``g``'s dtype. With ``eps = 0`` an entry whose
-  :math:`v'` is 0 steps by 0 (``safe_div``; torch: 0/0 = NaN).
+  :math:`v'` is 0 steps by 0 (``safe_div``; torch: 0/0 = NaN). A gradient beyond 1.8e19
+  overflows :math:`g^2` (float32) to inf: that entry's :math:`v'` is inf and it steps by
+  0, as in Adam, never NaN.
   """
   g32 = upcast(g)
   v1 = rho * upcast(v) + (1.0 - rho) * jnp.square(g32)

@@ -65,6 +65,15 @@ def _eps1_of(eps1: Optional[float], param_dtype: Any) -> float:
   return float(jnp.finfo(param_dtype).eps) if eps1 is None else float(eps1)
 
 
+def _lerp_squares(start: jax.Array, end: jax.Array, weight: Any) -> jax.Array:
+  """torch's ``lerp`` of second-moment statistics (values >= 0), with an overflowed
+  (``+inf``) one kept ``+inf``: the lerp formula itself gives ``inf - inf * 0 = NaN`` at
+  weight 1 and ``inf + w * (x - inf) = NaN`` after, where the EMA is ``+inf``."""
+  out = lerp(start, end, weight)
+  overflow = (jnp.isposinf(start) | jnp.isposinf(end)) & ~jnp.isnan(start) & ~jnp.isnan(end)
+  return jnp.where(overflow, jnp.inf, out)
+
+
 def adafactor_leaf(g: jax.Array, p: jax.Array, r: Optional[jax.Array],
                    c: Optional[jax.Array], v: Optional[jax.Array], count: jax.Array, *,
                    learning_rate: Any, beta2_decay: Any, eps1: Optional[float], eps2: Any,
@@ -85,7 +94,10 @@ def adafactor_leaf(g: jax.Array, p: jax.Array, r: Optional[jax.Array],
   ``r`` and ``c`` are given for a leaf of >= 2 dims (``v`` is None), ``v`` otherwise.
   ``eps1=None`` means ``finfo(p.dtype).eps``. With ``eps1 = 0`` an entry whose estimate
   :math:`\hat V` is 0 (an all-zero row or column so far, or an underflowed :math:`g^2`)
-  steps by 0, where torch computes inf * 0 = NaN; an overflowed estimate steps by 0 too.
+  steps by 0, where torch computes inf * 0 = NaN; an overflowed estimate steps by 0 too,
+  as in Adam: a :math:`g^2` beyond the float32 range (|g| > 1.8e19) makes its row and
+  column statistics inf (kept in the state), and every entry whose estimate is then inf or
+  inf / inf, 0 * inf (torch: NaN) steps by 0, never NaN. A NaN gradient propagates.
   Returns the direction in ``g``'s dtype and the new statistics in the compute dtype.
   """
   g32, p32 = upcast(g), upcast(p)
@@ -102,18 +114,25 @@ def adafactor_leaf(g: jax.Array, p: jax.Array, r: Optional[jax.Array],
   alpha = jnp.maximum(jnp.asarray(eps2, dtype), rms_p) * rho
   g2 = jnp.square(g32)
   if g.ndim >= 2:
-    r1 = lerp(r, jnp.mean(g2, axis=-1, keepdims=True), weight)
-    c1 = lerp(c, jnp.mean(g2, axis=-2, keepdims=True), weight)
+    r1 = _lerp_squares(r, jnp.mean(g2, axis=-1, keepdims=True), weight)
+    c1 = _lerp_squares(c, jnp.mean(g2, axis=-2, keepdims=True), weight)
     v1 = None
     v_hat = (r1 * c1) / jnp.maximum(jnp.mean(r1, axis=-2, keepdims=True),
                                     jnp.asarray(e1, dtype))
   else:
     r1 = c1 = None
-    v1 = lerp(v, g2, weight)
+    v1 = _lerp_squares(v, g2, weight)
     v_hat = v1
   v_hat = jnp.maximum(v_hat, jnp.asarray(e1 * e1, dtype))
-  # g / sqrt(v) as torch writes it (rsqrt, then multiply); 0 where v is 0 or inf.
+  # g / sqrt(v) as torch writes it (rsqrt, then multiply); 0 where v is 0 or inf, and where
+  # the factored estimate is NaN from overflowed but NaN-free statistics (inf / inf when a
+  # g**2 beyond the float range made a row and its mean inf, or 0 * inf: torch gives NaN
+  # there). A NaN in the statistics themselves (a NaN gradient) still propagates.
   bad = (v_hat == 0) | (v_hat == jnp.inf)
+  if g.ndim >= 2:
+    stats_nan = (jnp.isnan(r1) | jnp.isnan(c1)
+                 | jnp.isnan(jnp.mean(r1, axis=-2, keepdims=True)))
+    bad = bad | (jnp.isnan(v_hat) & ~stats_nan)
   u = jnp.where(bad, jnp.zeros_like(g32), g32 * jax.lax.rsqrt(jnp.where(bad, 1.0, v_hat)))
   rms_u = jnp.sqrt(jnp.sum(jnp.square(u))) / np.sqrt(n).astype(dtype)
   denom = jnp.maximum(1.0, rms_u / jnp.asarray(d, dtype))
@@ -208,8 +227,12 @@ def scale_by_adafactor(
       if isinstance(v, optax.MaskedNode) or isinstance(r, optax.MaskedNode):
         outs.append((frozen_update(g), r, c, v))
         continue
-      want = (r is not None and c is not None) if jnp.ndim(g) >= 2 else v is not None
-      if not want or (v is not None and jnp.shape(v) != jnp.shape(g)):
+      shape = jnp.shape(g)
+      want = (r is not None and c is not None) if len(shape) >= 2 else v is not None
+      if want and len(shape) >= 2:  # the factored statistics' shapes, as init makes them
+        want = (jnp.shape(r) == shape[:-1] + (1,)
+                and jnp.shape(c) == shape[:-2] + (1,) + shape[-1:])
+      if not want or (v is not None and jnp.shape(v) != shape):
         raise ValueError(f"{owner}: `state` was built by init for other parameters (a leaf "
                          f"of shape {jnp.shape(g)} has no matching statistics)")
       outs.append(adafactor_leaf(g, p, r, c, v, count, learning_rate=lr,

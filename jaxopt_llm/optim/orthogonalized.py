@@ -414,6 +414,7 @@ def scale_by_adjusted_learning_rate(
     check_state(owner, state, ScaleByAdjustedLearningRateState)
     require_params(owner, params)
     check_updates_like(owner, updates, params)
+    check_matrices(owner, params)  # r(A, B) needs a matrix: a clear error, not an unpacking one
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
     treedef = jax.tree.structure(params)
@@ -582,7 +583,10 @@ def muon_with_adamw(
   are separate (torch's example: Muon 0.02, AdamW 3e-4); with
   ``adjust_lr_fn="match_rms_adamw"`` Muon's update has AdamW's RMS and one learning rate
   (and weight decay) may serve both. The ``adamw_*`` arguments are ``adamw``'s (torch's
-  AdamW defaults); ``adamw_mask`` selects its decayed leaves.
+  AdamW defaults); ``adamw_mask`` selects its decayed leaves. The state is the partition's
+  (``inner_states["muon"]``, ``["adamw"]``); ``update`` first checks it and the updates'
+  structure against ``params``, naming ``state`` / ``updates`` (optax.partition itself
+  fails there with an AttributeError or a pytree error).
   """
   owner = "muon_with_adamw"
   # adamw's own checks would name `b1`, not `adamw_b1`: checked here first, by their names.
@@ -603,4 +607,16 @@ def muon_with_adamw(
                  mu_dtype=mu_dtype)
   adamw_tx = aliases.adamw(adamw_learning_rate, adamw_b1, adamw_b2, adamw_eps,
                            weight_decay=adamw_weight_decay, mask=adamw_mask)
-  return optax.partition({MUON_LABEL: muon_tx, ADAMW_LABEL: adamw_tx}, labels)
+  inner = optax.partition({MUON_LABEL: muon_tx, ADAMW_LABEL: adamw_tx}, labels)
+
+  def update_fn(updates, state, params=None):
+    # optax.partition's own failures on a foreign state or mismatched updates are an
+    # AttributeError / a pytree error naming nothing: check first, naming the argument.
+    if not hasattr(state, "inner_states") or not isinstance(state.inner_states, dict) or \
+        set(state.inner_states) != {MUON_LABEL, ADAMW_LABEL}:
+      raise TypeError(f"{owner}: `state` must be the state that {owner}(...).init(params) "
+                      f"returned, got {type(state).__name__}")
+    check_updates_like(owner, updates, params)
+    return inner.update(updates, state, params)
+
+  return optax.GradientTransformation(inner.init, update_fn)

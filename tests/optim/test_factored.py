@@ -273,6 +273,47 @@ def test_eps1_zero_never_gives_nan():
     assert float(u["b"][0]) == 0.0
 
 
+def test_overflowed_squared_gradient_steps_by_zero_never_nan():
+  """Fuzz finding: |g| > 1.8e19 makes g**2 (so a row/column statistic and their mean) inf in
+  float32; torch's lerp gives inf - inf * 0 = NaN at the first step and the factored
+  estimate inf / inf = NaN, so the whole leaf moved by NaN. Ours keeps the statistics at
+  +inf (an exact value beyond float32) and steps those coordinates by 0, as Adam does; a
+  coordinate whose own statistic is finite keeps a finite step, and a NaN gradient still
+  propagates."""
+  p = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.asarray([0.5, -0.25, 2.0])}
+  huge = {"w": jnp.full((2, 3), 1e30), "b": jnp.asarray([1e30, -3e38, 0.5])}
+  tx = optim.adafactor(weight_decay=0.0)
+  s = tx.init(p)
+  update = jax.jit(tx.update)
+  for _ in range(3):  # the first step (weight 1) and later ones (start already inf)
+    u, s = update(huge, s, p)
+    assert not any(bool(jnp.any(jnp.isnan(x))) for x in jax.tree.leaves((u, s)))
+    chex.assert_trees_all_equal(u["w"], jnp.zeros((2, 3)))
+    chex.assert_trees_all_equal(u["b"][:2], jnp.zeros(2))
+    assert float(jnp.abs(u["b"][2])) > 0  # its own g**2 is finite: it still moves
+  assert bool(jnp.all(jnp.isposinf(s[0].row_var["w"])))
+  # One huge row: every column statistic overflows too, so the whole factored leaf steps
+  # by 0 (inf / inf); another leaf is independent and moves.
+  g = {"w": jnp.ones((2, 3)).at[0].set(1e30), "b": jnp.ones(3)}
+  u, _ = tx.update(g, tx.init(p), p)
+  chex.assert_trees_all_equal(jnp.abs(u["w"]), jnp.zeros((2, 3)))
+  assert bool(jnp.all(u["b"] != 0)) and bool(jnp.all(jnp.isfinite(u["b"])))
+  # A NaN gradient is not hidden.
+  u, _ = tx.update({"w": jnp.ones((2, 3)).at[0, 0].set(jnp.nan), "b": jnp.ones(3)},
+                   tx.init(p), p)
+  assert bool(jnp.isnan(u["w"][0, 0]))
+
+
+def test_state_of_other_matrix_shapes_is_a_clear_error():
+  """Fuzz finding: a state from params of another row count crashed with a broadcasting
+  TypeError naming nothing."""
+  tx = optim.adafactor()
+  p = {"w": jnp.ones((2, 3))}
+  for other in ({"w": jnp.ones((3, 3))}, {"w": jnp.ones((2, 4))}):
+    with pytest.raises(ValueError, match="adafactor: `state` was built by init for other"):
+      tx.update(p, tx.init(other), p)
+
+
 # ---------------------------------------------------------------------------------------------
 # Robustness
 

@@ -484,6 +484,28 @@ def test_bad_calls_are_named():
     bad_mask.update(p, bad_mask.init(p), p)
 
 
+def test_fuzz_findings_are_clear_errors():
+  """Fuzz findings: scale_by_adjusted_learning_rate on a non-matrix leaf failed with 'not
+  enough values to unpack'; muon_with_adamw (an optax.partition) on a foreign state or
+  mismatched updates with an AttributeError / a pytree error naming nothing."""
+  tx = optim.scale_by_adjusted_learning_rate(0.1)
+  for p in ({"b": jnp.ones(3)}, {"s": jnp.ones(())}):
+    with pytest.raises(ValueError, match=r"scale_by_adjusted_learning_rate: parameter .*2-D"):
+      tx.update(p, tx.init(p), p)
+  p = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
+  tx = optim.muon_with_adamw()
+  state = tx.init(p)
+  for bad in (None, optim.scale_by_lion().init(p), optim.adamw().init(p)):
+    with pytest.raises(TypeError, match="muon_with_adamw: `state`"):
+      tx.update(p, bad, p)
+  with pytest.raises(ValueError, match="muon_with_adamw: .*updates"):
+    tx.update({"w": p["w"]}, state, p)
+  with pytest.raises((TypeError, ValueError), match="muon_with_adamw: "):
+    tx.update({"w": "0.1", "b": p["b"]}, state, p)
+  u, _ = tx.update(p, state, p)  # and a valid call still works
+  assert jax.tree.structure(u) == jax.tree.structure(p)
+
+
 # --------------------------------------------------------------------------------------------
 # The rest of a model: muon_labels and muon_with_adamw
 
