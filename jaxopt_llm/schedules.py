@@ -561,6 +561,28 @@ def _step_schedule(owner: str, lr: Any, step_size: Any, gamma: Any) -> Schedule:
   return _with_milestones(schedule, size)
 
 
+def _period_position(step: Any, size: int) -> tuple[jax.Array, jax.Array]:
+  """``(floor(n / size), n mod size)`` as float32 for ``n = max(step, 0)``.
+
+  The position is taken in integer arithmetic for integer steps, exact at every step:
+  ``t - k * size`` in float32 keeps nothing of it once the step passes 2**24 (at step
+  2**31 - 1, CyclicLR's position came out negative and the rate below ``base_lr``). Float
+  steps get ``t - k * size`` kept in ``[0, size]``.
+  """
+  k = _num_periods(step, size)
+  if isinstance(step, (int, np.integer)) and not isinstance(step, bool):
+    return k, jnp.float32(max(int(step), 0) % size)
+  if isinstance(step, np.ndarray) and np.issubdtype(step.dtype, np.integer):
+    return k, jnp.asarray(np.maximum(step, 0) % size, dtype=jnp.float32)
+  s = jnp.asarray(step)
+  if jnp.issubdtype(s.dtype, jnp.integer):
+    if size > jnp.iinfo(s.dtype).max:  # every representable step is < size
+      return k, jnp.maximum(s, 0).astype(jnp.float32)
+    return k, (jnp.maximum(s, 0) % size).astype(jnp.float32)
+  t = _float_step(s)
+  return k, jnp.clip(t - k * jnp.float32(size), 0.0, jnp.float32(size))
+
+
 def _num_periods(step: Any, size: int) -> jax.Array:
   """``floor(max(step, 0) / size)`` as float32, exact for integer steps.
 
@@ -880,8 +902,7 @@ def cosine_annealing_lr(lr: float, T_max: int, eta_min: float = 0.0) -> Schedule
   low = _real(owner, "eta_min", eta_min, lo=0.0)
 
   def schedule(step: Any) -> jax.Array:
-    t = _float_step(step)
-    r = t - _num_periods(step, 2 * t_max) * jnp.float32(2 * t_max)  # in [0, 2T)
+    _, r = _period_position(step, 2 * t_max)  # in [0, 2T)
     dist = jnp.abs(r - jnp.float32(t_max))  # from the zero of 1 + cos: factor 0 at dist 0
     return _blend(low, base, _cosine_factor(dist * jnp.float32(1.0 / t_max)))
 
@@ -927,7 +948,7 @@ def cosine_annealing_warm_restarts(lr: float, T_0: int, T_mult: int = 1,  # noqa
   def schedule(step: Any) -> jax.Array:
     t = _float_step(step)
     if mult == 1:
-      cur = t - _num_periods(step, t0) * jnp.float32(t0)
+      _, cur = _period_position(step, t0)
       rem = (jnp.float32(t0) - cur) * jnp.float32(1.0 / t0)
     else:
       i = jnp.sum((t[..., None] >= starts_f32[1:]).astype(jnp.int32), axis=-1)
@@ -968,11 +989,16 @@ def _cyclic_shape(owner: str, step_size_up: Any, step_size_down: Any, mode: Any,
                                              or jnp.issubdtype(probe.dtype, jnp.integer)):
       raise TypeError(f"{owner}: `scale_fn` must map an array of steps to a real array of the "
                       f"same shape (or a constant), got shape {probe.shape} dtype {probe.dtype}")
+    # The amplitude is a factor of (max - base): a negative or non-finite one at the first
+    # cycle would put the rate outside [base, max] or make it NaN. Only this probe can be
+    # checked eagerly; the function's values at later cycles are the caller's.
+    if not bool(jnp.all((probe >= 0) & (probe <= 1))):
+      raise ValueError(f"{owner}: `scale_fn` must return values in [0, 1] (it scales "
+                       f"max - base); at cycle/step 1 it returned {probe}")
 
   def height(step: Any) -> jax.Array:
     t = _float_step(step)
-    k = _num_periods(step, total)  # torch's cycle - 1
-    r = t - k * jnp.float32(total)  # in [0, total)
+    k, r = _period_position(step, total)  # torch's cycle - 1, the position in [0, total)
     rising = r * jnp.float32(1.0 / up)
     falling = (jnp.float32(total) - r) * jnp.float32(1.0 / max(down, 1))
     scale = jnp.where(r < up, rising, jnp.where(r == up, 1.0, falling))
@@ -1021,7 +1047,8 @@ def cyclic_lr(base_lr: float, max_lr: float, step_size_up: int = 2000,
     step_size_down: steps of the falling half, >= 0 (None: ``step_size_up``).
     mode: "triangular", "triangular2" or "exp_range".
     gamma: the "exp_range" decay, 0 < gamma <= 1.
-    scale_fn: optional custom amplitude, values in [0, 1].
+    scale_fn: optional custom amplitude, values in [0, 1] (its value at cycle/step 1 is
+      checked when the schedule is built: outside [0, 1] or NaN is a ValueError).
     scale_mode: "cycle" or "iterations" (for ``scale_fn``).
 
   Returns:
@@ -1500,10 +1527,15 @@ def reduce_lr_on_plateau(lr: float, mode: str = "min", factor: float = 0.1,
         count=jnp.zeros([], jnp.int32))
 
   def fold(state: ReduceLROnPlateauState, value: Any) -> ReduceLROnPlateauState:
-    v = jnp.asarray(value)
-    if v.ndim != 0 or not (jnp.issubdtype(v.dtype, jnp.floating)
+    try:  # a string is no metric (jnp.asarray's own error names nothing)
+      v = None if isinstance(value, (str, bytes)) else jnp.asarray(value)
+    except TypeError:
+      v = None
+    if v is None or v.ndim != 0 or not (jnp.issubdtype(v.dtype, jnp.floating)
                            or jnp.issubdtype(v.dtype, jnp.integer)):
       raise TypeError(f"{owner}: `value` (the metric) must be a real scalar, got "
+                      f"{type(value).__name__} {value!r}"[:300] if v is None else
+                      f"{owner}: `value` (the metric) must be a real scalar, got "
                       f"{type(value).__name__} of shape {v.shape} dtype {v.dtype}")
     v = v.astype(state.best.dtype)
     best = state.best

@@ -1199,3 +1199,48 @@ def test_one_cycle_linear_never_negative_past_the_end():
   values = np.asarray(jax.vmap(sched)(jnp.arange(0, 120)))
   assert values.min() == 0.0 and values[99] > 0.0
   np.testing.assert_array_equal(values[100:], 0.0)
+
+
+@pytest.mark.parametrize("sched, lo, hi, same_as_first_cycles", [
+    (S.cyclic_lr(1e-4, 1e-3, 5), 1e-4, 1e-3, True),
+    (S.cyclic_momentum(0.8, 0.9, 5), 0.8, 0.9, True),
+    (S.cyclic_lr(1e-4, 1e-3, 3, 4, "exp_range", 0.9), 1e-4, 1e-3, False),  # gamma**n decays
+    (S.cosine_annealing_lr(1e-3, 7, 1e-5), 1e-5, 1e-3, True),
+    (S.cosine_annealing_warm_restarts(1e-3, 7, 1, 1e-5), 1e-5, 1e-3, True)],
+    ids=["cyclic_lr", "cyclic_momentum", "cyclic_exp_range", "cosine_annealing_lr",
+         "warm_restarts"])
+def test_periodic_position_exact_at_huge_integer_steps(sched, lo, hi, same_as_first_cycles):
+  """Fuzz finding: the position in the cycle was t - k * C in float32, which keeps nothing
+  once the step passes 2**24: CyclicLR gave -5.7e-3 (below base_lr) at step 2**31 - 1 and
+  CyclicMomentum 1.54 (above max). The position is now n mod C in integers: at a huge step
+  the value is the one at the same position of the first cycles (every cycle length here
+  divides 70), for Python ints, NumPy int64 steps and traced int32 steps."""
+  for step in (2**31 - 1, 2**31 - 7, 2**30 + 3, 2**24 + 5):
+    want = float(sched(step % 70))
+    for s in (step, np.int64(step), np.asarray([step, step], np.int64)):
+      got = np.asarray(sched(s), np.float64).reshape(-1)
+      assert np.all((got >= lo * (1 - 1e-6)) & (got <= hi * (1 + 1e-6))), (step, got)
+      if same_as_first_cycles:
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    traced = float(jax.jit(sched)(jnp.asarray(step, jnp.int32)))
+    np.testing.assert_allclose(traced, float(sched(step)), rtol=1e-6)
+
+
+def test_cyclic_scale_fn_outside_unit_interval_is_refused():
+  """Fuzz finding: a scale_fn returning NaN or a negative amplitude was accepted and gave a
+  NaN rate / a rate below base_lr at every step; its value at cycle 1 is now checked."""
+  for fn in (lambda x: jnp.nan * x, lambda x: -1e-3 * x, lambda x: 1.5 + 0 * x):
+    for builder in (S.cyclic_lr, S.cyclic_momentum):
+      kw = dict(base_lr=0.1, max_lr=1.0) if builder is S.cyclic_lr else {}
+      with pytest.raises(ValueError, match=f"{builder.__name__}: `scale_fn`"):
+        builder(**kw, scale_fn=fn)
+  S.cyclic_lr(0.1, 1.0, scale_fn=lambda x: 1.0 / x)  # 1 at cycle 1: valid
+
+
+def test_reduce_lr_on_plateau_string_metric_is_named():
+  """Fuzz finding: value="1.0" failed inside jnp.asarray with a TypeError naming nothing."""
+  tx = S.reduce_lr_on_plateau(1.0)
+  p = {"w": jnp.ones(2)}
+  for bad in ("1.0", b"1", {"loss": 1.0}):
+    with pytest.raises(TypeError, match="reduce_lr_on_plateau: `value`"):
+      tx.update(p, tx.init(p), p, value=bad)
