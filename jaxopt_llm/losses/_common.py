@@ -416,6 +416,20 @@ def reduce_masked(values: jax.Array, valid: jax.Array, reduction: str,
                    0.0 * jnp.where(jnp.isinf(total), 0.0, total))
 
 
+def unit_max_exponent(weights: jax.Array) -> jax.Array:
+  """``e`` with ``2**(e-1) <= max(weights) < 2**e`` (0 when the maximum is 0 or not
+  finite): ``jnp.ldexp(weights, -e)`` puts the largest weight in [0.5, 1), exactly (a
+  power-of-two scale rounds nothing but subnormals; ``2**-e`` itself may be subnormal,
+  so scale with ``ldexp``, not by multiplying). A weighted mean
+  ``sum_i w_i l_i / sum_i w_i`` (any unweighted term of its numerator scaled too) does
+  not change, but weights near the float32 maximum no longer overflow its numerator and
+  denominator to ``inf / inf = NaN``. A constant for the gradient (the mean's
+  derivatives are the same)."""
+  top = lax.stop_gradient(jnp.max(weights))
+  _, e = jnp.frexp(jnp.where(jnp.isfinite(top) & (top > 0), top, 1.0))
+  return lax.stop_gradient(jnp.where(jnp.isfinite(top) & (top > 0), e, 0))
+
+
 def validated_class_weight(owner: str, weight: Any | None, vocab: int
                            ) -> jax.Array | None:
   """``weight`` (torch's per-class rescaling, shape ``[V]``) as a floating array (at least
@@ -571,6 +585,12 @@ def token_cross_entropy(owner: str, labels_name: str, logits: Any, labels: Any, 
     return reduce_masked(loss, t.valid, reduction)
   dtype = compute_dtype(t.logits, w)
   t, w = t._replace(logits=t.logits.astype(dtype)), w.astype(dtype)
+  if reduction == "mean":
+    # Scale-free in (w, z_loss) together: the z-loss term is not weighted, so it is scaled
+    # with the weights to keep sum / sum_{counted} w_y the same.
+    e = unit_max_exponent(w)
+    w = jnp.ldexp(w, -e)
+    zl = None if zl is None else jnp.ldexp(jnp.asarray(zl, dtype), -e)
   log_p, lse = token_log_probs(t)
   w_y = w[t.labels]
   smooth = None if eps is None else smoothing_term(t.logits, lse, w)

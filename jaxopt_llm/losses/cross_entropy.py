@@ -73,7 +73,15 @@ def cross_entropy(
     never NaN, and the gradient stays finite: its entries are bounded by
     ``1 + eps + 2 * z_loss * |lse|`` (6.8e34 at ``z_loss=1e-4``) for ``jax.grad`` of
     the ``"mean"`` or ``"sum"`` loss (a cotangent of at most 1 per token; with
-    ``weight``, the first two terms scale with the largest class weight).
+    ``weight``, the first two terms scale with the largest class weight). Where a
+    per-token loss overflows, the gradient w.r.t. ``weight`` (made of the per-token
+    losses) and, for soft targets near float32's maximum, the one w.r.t. ``logits``
+    (``(sum_c w_c q'_c) softmax(z) - w q'``) are themselves beyond float32: inf or NaN.
+  * Class weights and ``"mean"``: the weights are first scaled by the power of two that
+    puts the largest in [0.5, 1) (exact: nothing is rounded, the weighted mean is the
+    same), so weights up to float32's maximum give the finite mean, not ``inf / inf``.
+    Weights below float32's smallest normal (1.2e-38) are flushed to 0 by XLA like any
+    subnormal float: they count as 0 (all of them: the mean is 0.0).
 
   A token counts when ``label != ignore_index`` and ``where`` is True there (soft
   targets: where ``where`` is True). Tokens that do not count get loss 0 and exactly

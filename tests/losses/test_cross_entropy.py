@@ -746,3 +746,37 @@ def test_bad_weight_and_soft_labels_raise_naming_them():
                 cross_entropy(logits, probs))
   with pytest.raises(ValueError, match="`where`"):
     cross_entropy(logits, probs, where=jnp.ones(probs.shape, bool))
+
+
+def test_weighted_mean_is_scale_free_up_to_float32_max():
+  """Fuzz finding: class weights near float32's maximum made the weighted mean's numerator
+  and denominator overflow, inf / inf = NaN, where the mean (scale-free in the weights) is
+  finite. The weights are now scaled by a power of two first (exact), so the mean of
+  weights c * w equals that of w for every scale c, up to the float32 maximum, and the
+  gradients stay finite."""
+  rng = np.random.default_rng(7)
+  z = jnp.asarray(2 * rng.standard_normal((2, 3, 5)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 5, (2, 3)), jnp.int32).at[1, 2].set(-100)
+  w = jnp.asarray([0.5, 2.0, 1.0, 0.0, 3.0], jnp.float32)
+  f = lambda z, w: cross_entropy(z, y, weight=w, label_smoothing=0.1)
+  want = f(z, w)
+  # float64 reference: torch's weighted mean, sum_t l_t / sum_t w_{y_t}.
+  z64, w64, y64 = np.asarray(z, np.float64), np.asarray(w, np.float64), np.asarray(y)
+  valid = y64 != -100
+  ys = np.where(valid, y64, 0)
+  nlp = np.log(np.exp(z64).sum(-1, keepdims=True)) - z64
+  per = 0.9 * w64[ys] * np.take_along_axis(nlp, ys[..., None], -1)[..., 0] + 0.1 * (
+      nlp * w64 / 5).sum(-1)
+  np.testing.assert_allclose(float(want), per[valid].sum() / w64[ys][valid].sum(), rtol=2e-6)
+  for scale in (1e30, 1e38, float(jnp.finfo(jnp.float32).max) / 3.0):
+    got = f(z, w * scale)
+    np.testing.assert_allclose(float(got), float(want), rtol=2e-6)
+    gz, gw = jax.grad(f, argnums=(0, 1))(z, w * scale)
+    assert bool(jnp.all(jnp.isfinite(gz))) and bool(jnp.all(jnp.isfinite(gw)))
+    np.testing.assert_allclose(gz, jax.grad(f)(z, w), rtol=1e-5, atol=1e-7)
+  # All weights equal to the float32 maximum: the plain mean of the per-token losses.
+  top = jnp.full(5, jnp.finfo(jnp.float32).max)
+  np.testing.assert_allclose(float(f(z, top)),
+                             float(cross_entropy(z, y, label_smoothing=0.1)), rtol=2e-6)
+  # "sum" keeps the true (overflowing) products: +inf, not NaN.
+  assert float(cross_entropy(z, y, weight=top, reduction="sum")) == float("inf")
