@@ -1,6 +1,14 @@
 """Hostile-input fuzz of the optimizers, building blocks, guards, Sophia helpers, schedules and
 a few multi-device helpers (a dev script, not a test: it takes a few minutes).
 
+Covered: every named optimizer and ``scale_by_*`` block (the torch twins NAdam, RAdam,
+Adamax, Adadelta, ASGD, Rprop, Adafactor, Muon and muon_with_adamw included, with
+non-default configs and b1 / momentum as a schedule; Muon alone on 2-D inputs), every
+hyperparameter of every public builder and schedule (the builders are ``optim.__all__`` and
+``schedules.__all__``'s functions, their required arguments the ``REQUIRED`` table of
+tests/optim/test_hyperparameters.py, one table for both), every schedule at hostile steps,
+and ``reduce_lr_on_plateau``'s metric.
+
 Every case is run and classified as one of
 
 * ``clear error``     a TypeError / ValueError whose message starts with the function's (or a
@@ -10,7 +18,8 @@ Every case is run and classified as one of
 * ``NaN propagated``  it ran, an output is NaN/inf, and an input was NaN/inf;
 * ``documented limit`` it ran into a limit the docstrings state: an exact value beyond the
                       dtype's range overflows to inf (gradients at float32's max; Adam's,
-                      RMSprop's and Adagrad's second moment g**2 for |g| > 1.8e19, whose
+                      RMSprop's, Adagrad's, NAdam's, RAdam's, Adadelta's second moment and
+                      Adafactor's factored statistics of g**2 for |g| > 1.8e19, whose
                       coordinate then steps by 0, as in torch.optim) - never a NaN;
 * ``silent wrong``    it ran and an oracle failed: a non-finite output from finite inputs, an
                       integer parameter changed, a dtype or shape changed, eager != jit, the
@@ -95,8 +104,11 @@ def classify(thunk: Callable[[], Any], nonfinite_input: bool) -> tuple[str, str]
 
 
 def optimizer_factories():
+  import optax
   from jaxopt_llm import optim, schedules
   sched = schedules.warmup_cosine(1e-2, 2, 10)
+  # b1 / momentum cycled as torch's OneCycleLR / CyclicLR do.
+  m_sched = schedules.cyclic_momentum(0.85, 0.95, step_size_up=2)
   return {
       # name: (build(**overrides), sign_like_first_step, has_fused)
       "adamw": (lambda **k: optim.adamw(**{"learning_rate": 1e-2, **k}), "adam", True),
@@ -131,6 +143,63 @@ def optimizer_factories():
       "block_scale_by_rmsprop": (lambda **k: optim.scale_by_rmsprop(), None, False),
       "guard_skip_spikes(adamw)": (lambda **k: optim.skip_spikes(optim.adamw(**{
           "learning_rate": 1e-2, **k}), min_history=2), None, False),
+      # torch.optim twins of issues 15/17 (adam_variants, classic, factored, orthogonalized).
+      # Adamax's first step is lr * sign(g) (u = max(0, |g| + eps)), NAdam's and RAdam's are
+      # not lr-sized (RAdam's first steps are unrectified: lr * m_hat).
+      "nadam": (lambda **k: optim.nadam(**{"learning_rate": 1e-2, **k}), None, None),
+      "nadam_decoupled_wd": (lambda **k: optim.nadam(**{
+          "learning_rate": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True,
+          "momentum_decay": 0.1, **k}), None, None),
+      "nadam_b1_schedule": (lambda **k: optim.nadam(**{
+          "learning_rate": 1e-2, "b1": m_sched, **k}), None, None),
+      "radam": (lambda **k: optim.radam(**{"learning_rate": 1e-2, **k}), None, None),
+      "radam_decoupled_bf16_state": (lambda **k: optim.radam(**{
+          "learning_rate": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True,
+          "mu_dtype": "bfloat16", "nu_dtype": "bfloat16", **k}), None, None),
+      "adamax": (lambda **k: optim.adamax(**{"learning_rate": 1e-2, **k}), "adam", None),
+      "adamax_b1_schedule_wd": (lambda **k: optim.adamax(**{
+          "learning_rate": sched, "b1": m_sched, "weight_decay": 0.1, **k}), None, None),
+      "adamax_eps0": (lambda **k: optim.adamax(**{"learning_rate": 1e-2, "eps": 0.0, **k}),
+                      None, None),
+      "adadelta": (lambda **k: optim.adadelta(**k), None, None),
+      "adadelta_wd_eps0": (lambda **k: optim.adadelta(**{
+          "learning_rate": 0.5, "rho": 0.5, "eps": 0.0, "weight_decay": 0.1, **k}), None,
+          None),
+      "asgd": (lambda **k: optim.asgd(**k), None, None),
+      "asgd_t0_1_wd": (lambda **k: optim.asgd(**{
+          "learning_rate": sched, "t0": 1.0, "lambd": 0.1, "weight_decay": 0.1, **k}), None,
+          None),
+      "rprop": (lambda **k: optim.rprop(**k), None, None),
+      "rprop_custom": (lambda **k: optim.rprop(**{
+          "learning_rate": 0.1, "etas": (0.3, 1.5), "step_sizes": (0.0, 1.0), **k}), None,
+          None),
+      "adafactor": (lambda **k: optim.adafactor(**k), None, None),
+      "adafactor_eps1_wd": (lambda **k: optim.adafactor(**{
+          "learning_rate": sched, "eps": (1e-30, 1e-3), "d": 2.0, "beta2_decay": -0.5,
+          "weight_decay": 0.1, **k}), None, None),
+      "muon_with_adamw": (lambda **k: optim.muon_with_adamw(**k), None, None),
+      "muon_with_adamw_sched_f32": (lambda **k: optim.muon_with_adamw(**{
+          "learning_rate": sched, "momentum": m_sched, "nesterov": False,
+          "ns_dtype": "float32", "adjust_lr_fn": "match_rms_adamw", **k}), None, None),
+      # Muon alone takes 2-D float leaves only: its inputs drop the 1-D leaf "b" (see
+      # MATRIX_ONLY in runtime_cases).
+      "muon": (lambda **k: optim.muon(**k), None, None),
+      "muon_momentum_schedule_eps0": (lambda **k: optim.muon(**{
+          "learning_rate": 1e-2, "momentum": m_sched, "eps": 0.0, "weight_decay": 0.0,
+          **k}), None, None),
+      "block_scale_by_nadam": (lambda **k: optim.scale_by_nadam(), None, None),
+      "block_scale_by_radam": (lambda **k: optim.scale_by_radam(), None, None),
+      "block_scale_by_adamax": (lambda **k: optim.scale_by_adamax(), None, None),
+      "block_scale_by_adadelta": (lambda **k: optim.scale_by_adadelta(), None, None),
+      "block_scale_by_asgd": (lambda **k: optim.scale_by_asgd(), None, None),
+      "block_scale_by_rprop": (lambda **k: optim.scale_by_rprop(), None, None),
+      "block_scale_by_adafactor": (lambda **k: optim.scale_by_adafactor(), None, None),
+      "block_scale_by_muon": (lambda **k: optim.scale_by_muon(), None, None),
+      "block_scale_by_adjusted_learning_rate": (
+          lambda **k: optim.scale_by_adjusted_learning_rate(0.1), None, None),
+      "reduce_lr_on_plateau(adamw)": (lambda **k: optax.chain(
+          optim.adamw(**{"learning_rate": 1e-2, **k}),
+          schedules.reduce_lr_on_plateau(1e-2, patience=0)), None, None),
   }
 
 
@@ -184,6 +253,31 @@ def runtime_inputs(x64: bool):
   return out
 
 
+# Optimizers defined for 2-D float leaves only (torch.optim.Muon): their runtime inputs are
+# matrix_inputs(...), the same cases without the 1-D leaf.
+MATRIX_ONLY = ("muon", "muon_momentum_schedule_eps0", "block_scale_by_muon",
+               "block_scale_by_adjusted_learning_rate")
+
+
+def matrix_inputs(inputs):
+  """``runtime_inputs`` for a 2-D-only optimizer: the leaf "b" dropped; the cases that were
+  invalid through "b" made invalid through "w" instead."""
+  out = {}
+  for iname, (params, grads, nonfinite, expect) in inputs.items():
+    drop = lambda t: {k: v for k, v in t.items() if k != "b"} if isinstance(t, dict) else t
+    p2, g2 = drop(params), drop(grads)
+    if iname == "broadcastable_grads":
+      g2 = {**g2, "w": grads["w"][:1]}
+    elif iname == "wrong_structure_grads":
+      g2 = {"w": grads["w"], "b": params["b"]}
+    elif iname == "nan_param":
+      p2 = {**p2, "w": params["w"].at[0, 0].set(float("nan"))}
+    elif iname == "scalar_leaf":  # a scalar is not a matrix: must be a clear error
+      expect = {"must_raise": True}
+    out[iname] = (p2, g2, nonfinite, expect)
+  return out
+
+
 def _first_step_oracle(kind, p0, p1, lr, grads):
   """Adam's first step is lr * g / (|g| + eps'): magnitude <= lr, ~lr where |g| >> eps; a
   sign step (Lion, Sophia before any estimate) is lr exactly where g != 0."""
@@ -214,7 +308,10 @@ def runtime_cases(x64: bool):
   for name, (build, sign_like, has_fused) in optimizer_factories().items():
     is_block = name.startswith("block_")
     is_guard = name.startswith("guard_")
-    for iname, (params, grads, nonfinite, expect) in inputs.items():
+    if has_fused is None:
+      has_fused = optim.is_fused(build())
+    for iname, (params, grads, nonfinite, expect) in (
+        matrix_inputs(inputs) if name in MATRIX_ONLY else inputs).items():
       modes = ("eager", "jit") + (("fused",) if has_fused else ())
       if iname == "string_grads":  # jax.jit refuses a string argument itself (not our code)
         modes = tuple(m for m in modes if m != "jit")
@@ -258,7 +355,7 @@ def runtime_cases(x64: bool):
               raise Oracle("NaN from huge but finite gradients")
             if not _finite((p1, s1)):
               raise Limit("overflow to inf of an exact value beyond float32's range")
-            if sign_like == "adam":  # g**2 overflowed in the float32 arithmetic
+            if sign_like == "adam" and "adamax" not in name:  # g**2 overflowed in float32
               raise Limit("g**2 overflows float32: this coordinate's Adam step is 0")
           for k, v in params.items():
             if jnp.shape(p1[k]) != jnp.shape(v) or p1[k].dtype != jnp.asarray(v).dtype:
@@ -268,7 +365,9 @@ def runtime_cases(x64: bool):
                 raise Oracle(f"integer leaf {k} changed")
           if expect.get("zero_step_if_no_wd") and (is_block or name in (
               "adam_fp16_state", "sgd_nesterov", "momentum_zero", "rmsprop_centered",
-              "rmsprop_eps0", "adagrad_eps0")):
+              "rmsprop_eps0", "adagrad_eps0", "nadam", "nadam_b1_schedule", "radam",
+              "adamax", "adamax_eps0", "adadelta", "rprop", "rprop_custom", "adafactor",
+              "muon_momentum_schedule_eps0")):
             for a, c in zip(jax.tree.leaves(p1), jax.tree.leaves(params)):
               if not np.array_equal(np.asarray(a), np.asarray(c)):
                 raise Oracle("zero gradient, no decay, but the params moved")
@@ -277,6 +376,8 @@ def runtime_cases(x64: bool):
             tx2 = build(**({} if name.startswith("adam_fp16") else {"weight_decay": 0.0}))
             u2, _ = tx2.update(grads, tx2.init(params), params)
             _first_step_oracle(sign_like, params, optax.apply_updates(params, u2), 1e-2, grads)
+          if "plateau" in name:  # its `best` starts at +inf (torch's too): not an output
+            return p1, s1[0], s1[1].lr
           return p1, s1
 
         cases.append((f"{name}", f"update:{iname}:{mode}", thunk, nonfinite))
@@ -291,7 +392,7 @@ def state_cases():
   other = {"w": jnp.ones((3, 3)), "b": jnp.ones(3)}
   cases = []
   for name, (build, _, has_fused) in optimizer_factories().items():
-    if name.startswith("guard_"):
+    if name.startswith("guard_") or "plateau" in name:  # the latter: optax.chain's state
       continue
     kw = {"loss": 1.0} if name.startswith("guard_") else {}
     cases.append((name, "state:from_other_shapes",
@@ -305,30 +406,31 @@ def state_cases():
   return cases
 
 
+def _sweep_table():
+  """tests/optim/test_hyperparameters.py's REQUIRED (builder -> its valid required
+  arguments) and NOT_BUILDERS: the one table of every public builder, which that test keeps
+  complete (a builder missing from it fails test_every_public_builder_is_swept)."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "tests/optim/test_hyperparameters.py"
+  spec = importlib.util.spec_from_file_location("_fuzz_hyperparameter_table", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.REQUIRED, mod.NOT_BUILDERS
+
+
 def build_cases():
-  """Every hyperparameter of every builder with bad values: must be a clear error."""
+  """Every hyperparameter of every public builder (every function of ``optim.__all__`` and
+  ``schedules.__all__`` but the step helpers) with bad values: must be a clear error."""
   import inspect
   import jax.numpy as jnp
   from jaxopt_llm import optim, schedules
-  required = {
-      optim.sgd: {"learning_rate": 0.1}, optim.momentum: {"learning_rate": 0.1},
-      optim.skip_spikes: {"inner": optim.adamw(1e-3)},
-      schedules.warmup_cosine: {"peak_lr": 1e-3, "warmup_steps": 10, "total_steps": 100},
-      schedules.linear_decay: {"peak_lr": 1e-3, "warmup_steps": 10, "total_steps": 100},
-      schedules.polynomial_decay: {"peak_lr": 1e-3, "warmup_steps": 10, "total_steps": 100},
-      schedules.constant_with_warmup: {"peak_lr": 1e-3, "warmup_steps": 10},
-      schedules.inverse_sqrt: {"peak_lr": 1e-3, "warmup_steps": 10},
-      schedules.wsd: {"peak_lr": 1e-3, "warmup_steps": 10, "stable_steps": 10,
-                      "decay_steps": 10},
-      schedules.step_decay: {"lr": 1e-3, "step_size": 10},
-      schedules.exponential_lr: {"lr": 1e-3, "gamma": 0.9},
-      schedules.cosine_annealing: {"lr": 1e-3, "T_max": 10},
-  }
-  builders = [optim.adamw, optim.adam, optim.adam_l2, optim.lion, optim.sophia, optim.sgd,
-              optim.momentum, optim.adagrad, optim.rmsprop, optim.scale_by_adam,
-              optim.scale_by_lion, optim.scale_by_sophia, optim.scale_by_momentum,
-              optim.scale_by_adagrad, optim.scale_by_rmsprop, optim.skip_spikes,
-              *[getattr(schedules, n) for n in schedules.__all__]]
+  required, not_builders = _sweep_table()
+  builders = [getattr(m, n) for m in (optim, schedules) for n in m.__all__
+              if inspect.isfunction(getattr(m, n)) and n not in not_builders]
+  missing = [fn.__name__ for fn in builders if fn not in required]
+  if missing:
+    raise SystemExit(f"fuzz_optim: builders missing from REQUIRED: {missing}")
   bad_values = {
       "string": "0.1", "none": None, "nan": float("nan"), "inf": float("inf"),
       "neg_inf": -float("inf"), "negative": -1.0, "huge": 1e300, "bool": True,
@@ -360,15 +462,29 @@ def _accepted_ok(fn, name, label, value, default, out):
       ("huge", "learning_rate"), ("huge", "weight_decay"), ("huge", "peak_lr"), ("huge", "lr"),
       ("huge", "eps"), ("huge", "rho"), ("huge", "k"), ("huge", "initial_accumulator_value"),
       ("huge", "lr_decay"), ("huge", "power"), ("huge", "min_lr"), ("huge", "eta_min"),
+      # torch accepts these and the formulas stay defined: ASGD's t0 (averaging never
+      # starts), alpha (eta -> 0), lambd (a decay like weight_decay); NAdam's momentum_decay
+      # (mu_t -> b1); Adafactor's clipping threshold d (no clipping); OneCycleLR's and
+      # CyclicLR's rates and divisors; ReduceLROnPlateau's threshold (never better).
+      ("huge", "t0"), ("huge", "alpha"), ("huge", "lambd"), ("huge", "momentum_decay"),
+      ("huge", "d"), ("huge", "max_lr"), ("huge", "base_lr"), ("huge", "div_factor"),
+      ("huge", "final_div_factor"), ("huge", "threshold"),
+      ("huge", "adamw_learning_rate"), ("huge", "adamw_weight_decay"), ("huge", "adamw_eps"),
+      ("negative", "beta2_decay"),  # Adafactor's tau <= 0 (default -0.8)
   }
   if (label, name) in valid or (label == "none" and default is None):
     return None
   if label == "bool" and isinstance(default, bool):  # True is a valid flag
     return None
-  if name == "mask" and (label == "bool" or callable(value)):
+  if name.endswith("mask") and (label == "bool" or callable(value)):
     # True is a valid prefix mask; a callable mask is called (and checked) at update time.
     return None
   if label == "huge" and name in ("min_lr", "eta_min"):
+    return None
+  if name in ("labels", "lr_lambda", "scale_fn") and callable(value):
+    # muon_with_adamw's labels callable is called (and checked) at init; lambda_lr's
+    # lr_lambda is tabulated at build, cyclic scale_fn probed at build (jnp.int8 maps n to
+    # an integer factor 1: valid).
     return None
   raise Oracle(f"{name}={value!r} accepted")
 
@@ -391,6 +507,36 @@ def schedule_cases():
       "cosine_annealing": (S.cosine_annealing(1e-3, 20, 1e-5), 1e-5, 1e-3),
       "peak_0": (S.warmup_cosine(0.0, 10, 100), 0.0, 0.0),
       "peak_huge": (S.warmup_cosine(1e38, 10, 100), 0.0, 1e38),
+      # The torch.optim.lr_scheduler twins: (schedule, lowest, highest value).
+      "step_lr": (S.step_lr(1e-3, 7, 0.5), 0.0, 1e-3),
+      "multi_step_lr": (S.multi_step_lr(1e-3, [3, 8], 0.5), 0.0, 1e-3),
+      "constant_lr": (S.constant_lr(1e-3, 0.5, 4), 5e-4, 1e-3),
+      "linear_lr": (S.linear_lr(1e-3, 0.25, 1.0, 4), 2.5e-4, 1e-3),
+      "linear_lr_down": (S.linear_lr(1e-3, 1.0, 0.1, 4), 1e-4, 1e-3),
+      "polynomial_lr": (S.polynomial_lr(1e-3, 6, 2.0), 0.0, 1e-3),
+      "cosine_annealing_lr": (S.cosine_annealing_lr(1e-3, 20, 1e-5), 1e-5, 1e-3),
+      "cosine_annealing_lr_T1": (S.cosine_annealing_lr(1e-3, 1), 0.0, 1e-3),
+      "warm_restarts_Tmult2": (S.cosine_annealing_warm_restarts(1e-3, 3, 2, 1e-5), 1e-5,
+                               1e-3),
+      "warm_restarts_T0_1": (S.cosine_annealing_warm_restarts(1e-3, 1), 0.0, 1e-3),
+      "cyclic_lr": (S.cyclic_lr(1e-4, 1e-3, 5), 1e-4, 1e-3),
+      "cyclic_lr_exp_range": (S.cyclic_lr(1e-4, 1e-3, 3, 2, "exp_range", 0.9), 1e-4, 1e-3),
+      "cyclic_lr_triangular2": (S.cyclic_lr(1e-4, 1e-3, 1, 1, "triangular2"), 1e-4, 1e-3),
+      "cyclic_momentum": (S.cyclic_momentum(0.8, 0.9, 5), 0.8, 0.9),
+      "one_cycle_lr": (S.one_cycle_lr(1e-3, 100), 0.0, 1e-3),
+      "one_cycle_lr_3phase_linear": (S.one_cycle_lr(1e-3, 10, 0.5, "linear", 10.0, 1e4,
+                                                    True), 0.0, 1e-3),
+      "one_cycle_lr_total_2": (S.one_cycle_lr(1e-3, 2), 0.0, 1e-3),
+      "one_cycle_momentum": (S.one_cycle_momentum(100), 0.85, 0.95),
+      "one_cycle_momentum_3phase": (S.one_cycle_momentum(10, 0.8, 0.9, 0.5, "linear", True),
+                                    0.8, 0.9),
+      "sequential_lr": (S.sequential_lr([S.linear_lr(1e-3, 0.1, 1.0, 5),
+                                         S.cosine_annealing_lr(1e-3, 10)], [5]), 0.0, 1e-3),
+      "chained_scheduler": (S.chained_scheduler(1e-3, [S.step_lr(1.0, 5, 0.5),
+                                                       S.exponential_lr(1.0, 0.9)]), 0.0,
+                            1e-3),
+      "lambda_lr": (S.lambda_lr(1e-3, lambda n: 1.0 / (n + 1), 20), 0.0, 1e-3),
+      "multiplicative_lr": (S.multiplicative_lr(1e-3, lambda n: 0.9, 20), 0.0, 1e-3),
   }
   steps = {
       "0": (0, False), "negative": (-5, False), "int32_max": (2**31 - 1, False),
@@ -418,6 +564,42 @@ def schedule_cases():
             raise Oracle(f"value {arr} outside [{lo}, {hi}]")
           return out
         cases.append((f"schedule:{sname}", f"step={tname}:{mode}", thunk, nonfinite))
+  return cases
+
+
+def plateau_cases():
+  """reduce_lr_on_plateau's metric: NaN/inf/vector/string/None/int/bool values, eager and
+  jit; a NaN or inf metric must never make the scale NaN or raise it above 1."""
+  import jax
+  import jax.numpy as jnp
+  from jaxopt_llm import schedules as S
+  p = {"w": jnp.ones(3), "i": jnp.asarray([1, 2])}
+  cases = []
+  for label, values, invalid in (
+      ("nan", [1.0, float("nan"), float("nan")], False),
+      ("inf", [1.0, float("inf"), float("inf")], False),
+      ("neg_inf", [1.0, -float("inf"), 0.5], False),
+      ("decreasing", [3.0, 2.0, 1.0], False), ("flat", [1.0, 1.0, 1.0], False),
+      ("int", [3, 3, 3], False), ("float64_huge", [np.float64(1e300)] * 3, False),
+      ("vector", [jnp.ones(3)], True), ("string", ["1.0"], True), ("bool", [True], True),
+      ("complex", [1 + 1j], True)):
+    for mode in ("eager", "jit"):
+      def thunk(values=values, mode=mode, invalid=invalid, label=label):
+        tx = S.reduce_lr_on_plateau(1e-2, patience=0, cooldown=0)
+        s = tx.init(p)
+        f = lambda u, s, v: tx.update(u, s, p, value=v)
+        jittable = mode == "jit" and label not in ("string",)
+        for v in values:
+          u, s = jax.jit(f)(p, s, v) if jittable else f(p, s, v)
+          if not np.array_equal(np.asarray(u["i"]), np.asarray(p["i"])):
+            raise Oracle("an integer leaf was scaled")
+          scale = np.asarray(u["w"], np.float64)[0]
+          if not (np.isfinite(scale) and 0 <= scale <= 1 + 1e-7):
+            raise Oracle(f"scale {scale} outside [0, 1] (metric {v!r})")
+        if invalid:
+          raise Oracle("accepted")
+        return u, s.lr  # `best` may be +-inf (the metric's), the rate may not
+      cases.append(("reduce_lr_on_plateau", f"value={label}:{mode}", thunk, False))
   return cases
 
 
@@ -598,6 +780,7 @@ def main(argv=None):
       "optimizers/blocks: state": state_cases,
       "builders: hyperparameters": build_cases,
       "schedules: steps": schedule_cases,
+      "reduce_lr_on_plateau: value": plateau_cases,
       "sophia helpers": sophia_helper_cases,
       "skip_spikes: loss": guard_cases,
       "parallel helpers": parallel_cases,
