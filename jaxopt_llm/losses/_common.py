@@ -248,11 +248,20 @@ def softmax_nll_parts(logits: jax.Array, labels: jax.Array) -> SoftmaxNll:
     not_label = (iota != labels[..., None]).astype(dtype)
   r = jnp.sum(jnp.exp(logits - m[..., None]) * not_label, axis=-1)
   d_y = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0] - m
+  nll, lse, label_grad, total = nll_from_sums(m, r, d_y)
+  return SoftmaxNll(nll, lse, label_grad, m, total)
+
+
+def nll_from_sums(m: jax.Array, r: jax.Array, d_y: jax.Array) -> tuple[jax.Array, ...]:
+  """``(nll, lse, p_y - 1, total)`` from the max ``m``, the other classes' sum
+  ``r = sum_{c != y} exp(z_c - m)`` and ``d_y = z_y - m``: the formula of
+  :func:`softmax_nll_parts`, also fed by the fused loss's blockwise sums
+  (``total = e_y + r = sum_c exp(z_c - m) >= 1``)."""
   e_y = jnp.exp(d_y)
-  total = e_y + r                      # sum_c exp(z_c - m) >= 1
+  total = e_y + r
   near = d_y > -1.0
   nll = jnp.where(near, jnp.log1p(r / jnp.where(near, e_y, 1.0)), jnp.log(total) - d_y)
-  return SoftmaxNll(nll, m + jnp.log(total), -r / total, m, total)
+  return nll, m + jnp.log(total), -r / total, total
 
 
 @jax.custom_jvp
@@ -416,7 +425,7 @@ def reduce_masked(values: jax.Array, valid: jax.Array, reduction: str,
                    0.0 * jnp.where(jnp.isinf(total), 0.0, total))
 
 
-def unit_max_exponent(weights: jax.Array) -> jax.Array:
+def unit_max_exponent(weights: jax.Array, axis_name: Any = None) -> jax.Array:
   """``e`` with ``2**(e-1) <= max(weights) < 2**e`` (0 when the maximum is 0 or not
   finite): ``jnp.ldexp(weights, -e)`` puts the largest weight in [0.5, 1), exactly (a
   power-of-two scale rounds nothing but subnormals; ``2**-e`` itself may be subnormal,
@@ -424,10 +433,24 @@ def unit_max_exponent(weights: jax.Array) -> jax.Array:
   ``sum_i w_i l_i / sum_i w_i`` (any unweighted term of its numerator scaled too) does
   not change, but weights near the float32 maximum no longer overflow its numerator and
   denominator to ``inf / inf = NaN``. A constant for the gradient (the mean's
-  derivatives are the same)."""
+  derivatives are the same). With ``axis_name`` (weights sharded over those mesh axes) the
+  maximum is taken over every shard."""
   top = lax.stop_gradient(jnp.max(weights))
+  if axis_name is not None:
+    top = lax.pmax(top, axis_name)
   _, e = jnp.frexp(jnp.where(jnp.isfinite(top) & (top > 0), top, 1.0))
   return lax.stop_gradient(jnp.where(jnp.isfinite(top) & (top > 0), e, 0))
+
+
+def scaled_for_weighted_mean(weights: jax.Array, z_loss: Any | None, axis_name: Any = None
+                             ) -> tuple[jax.Array, jax.Array | None]:
+  """``(weights, z_loss)`` both scaled by ``2**-e`` (:func:`unit_max_exponent`): the class
+  weights of a weighted mean and the z-loss weight, the one unweighted term of its
+  numerator, scaled together so that ``sum / sum_{counted} w_y`` is unchanged. Used by
+  ``cross_entropy`` and the fused loss before a ``"mean"`` reduction."""
+  e = unit_max_exponent(weights, axis_name)
+  zl = None if z_loss is None else jnp.ldexp(jnp.asarray(z_loss, weights.dtype), -e)
+  return jnp.ldexp(weights, -e), zl
 
 
 def validated_class_weight(owner: str, weight: Any | None, vocab: int
@@ -586,11 +609,7 @@ def token_cross_entropy(owner: str, labels_name: str, logits: Any, labels: Any, 
   dtype = compute_dtype(t.logits, w)
   t, w = t._replace(logits=t.logits.astype(dtype)), w.astype(dtype)
   if reduction == "mean":
-    # Scale-free in (w, z_loss) together: the z-loss term is not weighted, so it is scaled
-    # with the weights to keep sum / sum_{counted} w_y the same.
-    e = unit_max_exponent(w)
-    w = jnp.ldexp(w, -e)
-    zl = None if zl is None else jnp.ldexp(jnp.asarray(zl, dtype), -e)
+    w, zl = scaled_for_weighted_mean(w, zl)
   log_p, lse = token_log_probs(t)
   w_y = w[t.labels]
   smooth = None if eps is None else smoothing_term(t.logits, lse, w)

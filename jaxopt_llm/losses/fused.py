@@ -35,7 +35,8 @@ from jaxopt_llm._shard_map import as_varying, tree_varying_axes, varying_axes
 from jaxopt_llm._validation import check_bool, check_choice, check_int, check_scalar
 from jaxopt_llm.losses._common import (
     REDUCTIONS, check_floating, combine_token_loss, compute_dtype, is_concrete_zero,
-    masked_log_probs, reduce_masked, validated_class_weight, validated_labels)
+    masked_log_probs, nll_from_sums, reduce_masked, scaled_for_weighted_mean,
+    validated_class_weight, validated_labels)
 
 LAYOUTS = ("dv", "vd")
 # Byte budget of one float32 [chunk, block] tile of logits. About three tiles (logits,
@@ -375,26 +376,14 @@ def _class_weight_sum(st: _Static, w: jax.Array) -> jax.Array:
 
 
 def _finish_stats(top, rest, zy, sz, smooth_scale) -> _Stats:
-  r"""The per-token results of the online statistics, as ``_common.softmax_nll_parts``.
-
-  With ``m`` the max, ``r = sum_{c != y} exp(z_c - m)`` and ``e_y = exp(z_y - m)``::
-
-    nll = log1p(r / e_y)               where z_y > m - 1
-        = (m - z_y) + log(e_y + r)     elsewhere
-    lse = m + log(e_y + r),  p_y - 1 = -r / (e_y + r)
-
-  sums of non-negative terms, so a tiny loss keeps its relative precision (see
-  ``softmax_nll_parts``, whose formula this is, fed by the blockwise sums instead of a
-  complete row). ``smooth = (sum_c w_c / V) lse - sum_c w_c z_c / V``.
+  r"""The per-token results of the online statistics: ``_common.nll_from_sums`` (the
+  formula of ``softmax_nll_parts``: a tiny loss keeps its relative precision) of the max
+  ``m``, ``r = sum_{c != y} exp(z_c - m)`` and ``z_y - m``, fed by the blockwise sums
+  instead of a complete row; ``smooth = (sum_c w_c / V) lse - sum_c w_c z_c / V``.
   """
-  d_y = zy - top
-  e_y = jnp.exp(d_y)
-  total = e_y + rest
-  near = d_y > -1.0
-  nll = jnp.where(near, jnp.log1p(rest / jnp.where(near, e_y, 1.0)), jnp.log(total) - d_y)
-  lse = top + jnp.log(total)
+  nll, lse, label_grad, total = nll_from_sums(top, rest, zy - top)
   smooth = None if sz is None else smooth_scale * lse - sz
-  return _Stats(top, total, -rest / total, lse, nll, smooth)
+  return _Stats(top, total, label_grad, lse, nll, smooth)
 
 
 def _token_losses(st: _Static, x: _Inputs, bad: jax.Array, hyper: _Hyper,
@@ -765,6 +754,8 @@ def fused_linear_cross_entropy(
       zloss=not is_concrete_zero(z_loss),
       softcap=logit_soft_cap is not None, layout=kernel_layout, axis_name=axis_name,
       upcast=backend in UPCAST_BACKENDS)
+  if cls_weight is not None and reduction == "mean":  # weights up to float32's max
+    cls_weight, z_loss = scaled_for_weighted_mean(cls_weight, z_loss, axis_name)
   hyper = _Hyper(jnp.asarray(label_smoothing, acc), jnp.asarray(z_loss, acc),
                  jnp.asarray(1.0 if logit_soft_cap is None else logit_soft_cap, acc))
   live, safe_labels, bad = live.reshape(n), safe_labels.reshape(n), bad.reshape(n)

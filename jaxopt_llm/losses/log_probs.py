@@ -5,8 +5,8 @@ completion token, not a mean loss. Taking them from the full logits ``hidden @ k
 materialises a ``[B * T, V]`` float32 block (plus its gradient): 16 GiB for 8 completions
 of 4096 tokens at V = 128256. :func:`token_log_probs_from_hidden` gets them from
 :func:`~jaxopt_llm.losses.fused_linear_cross_entropy` with ``reduction="none"``, whose
-per-token value is ``-log p(y_t)``: the logits exist one ``[chunk, V]`` block at a time,
-forward and backward.
+per-token value is ``-log p(y_t)``: the logits exist one ``[chunk, block]`` tile at a
+time, forward and backward.
 
 Same numbers as ``log_softmax(hidden @ kernel / temperature)`` gathered at the labels (the
 masking of :func:`~jaxopt_llm.losses.sequence_log_probs`), and the same convention as
@@ -54,15 +54,15 @@ def token_log_probs_from_hidden(
 
   How: ``-fused_linear_cross_entropy(hidden / tau, kernel, labels, bias=bias / tau,
   logit_soft_cap=c / tau, reduction="none")``; dividing ``u`` by ``tau`` and the cap by
-  ``tau`` gives ``(c / tau) tanh((u / tau) / (c / tau)) = z / tau``. Only ``[chunk_size,
-  V]`` blocks of logits are alive at a time; the backward keeps the per-token logsumexp
-  (O(N)) and recomputes each block (one extra ``[chunk, d] @ [d, V]`` product). See the
+  ``tau`` gives ``(c / tau) tanh((u / tau) / (c / tau)) = z / tau``. Only
+  ``[chunk_size, vocab_block_size]`` tiles of logits are alive at a time; the backward
+  keeps the per-token statistics (O(N)) and recomputes each tile's logits. See the
   fused loss for the memory and precision details (float32 logits and softmax; gradients
   for ``hidden``, ``kernel`` and ``bias`` in their dtypes). With ``tau != 1`` a
   half-precision ``hidden`` is divided in float32 (so the head product runs in float32).
   ``benchmarks/token_log_probs.py`` measures the compiled temporary memory against the
   full-logits path: for 8 completions of 4096 tokens (d = 1024, V = 32000, float32) a
-  GRPO value-and-gradient step plans 0.069 GiB of temporaries instead of 11.7 GiB.
+  GRPO value-and-gradient step plans 0.283 GiB of temporaries instead of 11.7 GiB.
 
   Args:
     hidden: ``[..., T, d]`` (or ``[N, d]``) floating hidden states (the LM head's input).
@@ -79,7 +79,7 @@ def token_log_probs_from_hidden(
     shift: causal-LM alignment: score ``labels[..., 1:]`` with ``hidden[..., :-1, :]``
       (and ``where[..., 1:]``); the output then has ``T - 1`` positions. With ``False``
       the caller has aligned them.
-    chunk_size: tokens per logits block (see ``fused_linear_cross_entropy``).
+    chunk_size: tokens per logits tile (see ``fused_linear_cross_entropy``).
     validate: add a checkify check for out-of-range labels when traced.
 
   Returns:

@@ -869,3 +869,21 @@ def test_accelerator_formulation_on_cpu(monkeypatch, dtypes):
   _assert_rel(val, ref_val, rtol=1e-5)
   for gr, rg in zip(grads, ref_grads):   # bf16: the logits' gradient is rounded to bf16
     _assert_rel(gr, rg, rtol=2e-2 if low else 1e-5)
+
+
+def test_class_weights_near_float32_max_give_the_finite_weighted_mean():
+  # sum_i w_y l_i and sum_i w_y both overflow to inf at weights ~3e38 (inf / inf = NaN);
+  # the weights and the z-loss are first scaled by an exact power of two (_common). The
+  # unweighted z-loss term divided by sum w_y ~ 1e39 vanishes, so the mean is the weighted
+  # mean without z-loss.
+  hidden, kernel, bias, labels, _ = _data(31, n=12, v=9)
+  cw = jnp.asarray(np.random.default_rng(31).uniform(0.5, 1.0, 9), jnp.float32)
+  kw = dict(bias=bias, label_smoothing=0.1, vocab_block_size=4)
+  big = fused_linear_cross_entropy(hidden, kernel, labels, weight=cw * 2.0**127, z_loss=1e-2,
+                                   **kw)
+  small = fused_linear_cross_entropy(hidden, kernel, labels, weight=cw, **kw)
+  assert np.isfinite(float(big))
+  np.testing.assert_allclose(float(big), float(small), rtol=1e-6)
+  np.testing.assert_allclose(
+      float(big), float(cross_entropy(hidden @ kernel + bias, labels, weight=cw * 2.0**127,
+                                      label_smoothing=0.1, z_loss=1e-2)), rtol=1e-5)
