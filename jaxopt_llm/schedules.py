@@ -1365,7 +1365,8 @@ def _table_schedule(owner: str, table: np.ndarray) -> Schedule:
     bad = int(np.argmax(table < 0))
     raise ValueError(f"{owner}: `lr_lambda` gives a negative learning rate {table[bad]} at "
                      f"step {bad}")
-  values = table.astype(np.float32)
+  with np.errstate(over="ignore"):  # an overflow is the error raised just below
+    values = table.astype(np.float32)
   if not np.all(np.isfinite(values)):
     bad = int(np.argmax(~np.isfinite(values)))
     raise ValueError(f"{owner}: `lr_lambda` gives a learning rate {table[bad]} at step {bad} "
