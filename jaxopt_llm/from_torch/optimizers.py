@@ -61,15 +61,6 @@ class Entry:
   linear_in_lr: bool = True  # the step is lr times something (ReduceLROnPlateau can scale it)
 
 
-def _twin(name: str) -> Callable:
-  fn = getattr(optim, name, None)
-  if fn is None:
-    raise NotImplementedError(
-        f"from_torch: jaxopt_llm.optim.{name} (the twin of this torch optimizer) is not "
-        "available in this version of jaxopt_llm")
-  return fn
-
-
 def _b1(hyper, momentum):
   return hyper["betas"][0] if momentum is None else momentum
 
@@ -109,48 +100,48 @@ def _rmsprop(h, lr, momentum):
 
 
 def _nadam(h, lr, momentum):
-  return _twin("nadam")(lr, _b1(h, momentum), h["betas"][1], h["eps"],
+  return optim.nadam(lr, _b1(h, momentum), h["betas"][1], h["eps"],
                         weight_decay=h["weight_decay"], momentum_decay=h["momentum_decay"],
                         decoupled_weight_decay=h["decoupled_weight_decay"])
 
 
 def _radam(h, lr, momentum):
-  return _twin("radam")(lr, _b1(h, momentum), h["betas"][1], h["eps"],
+  return optim.radam(lr, _b1(h, momentum), h["betas"][1], h["eps"],
                         weight_decay=h["weight_decay"],
                         decoupled_weight_decay=h["decoupled_weight_decay"])
 
 
 def _adamax(h, lr, momentum):
-  return _twin("adamax")(lr, _b1(h, momentum), h["betas"][1], h["eps"],
+  return optim.adamax(lr, _b1(h, momentum), h["betas"][1], h["eps"],
                          weight_decay=h["weight_decay"])
 
 
 def _adadelta(h, lr, momentum):
   del momentum
-  return _twin("adadelta")(lr, h["rho"], h["eps"], weight_decay=h["weight_decay"])
+  return optim.adadelta(lr, h["rho"], h["eps"], weight_decay=h["weight_decay"])
 
 
 def _asgd(h, lr, momentum):
   del momentum
-  return _twin("asgd")(lr, h["lambd"], h["alpha"], h["t0"], weight_decay=h["weight_decay"])
+  return optim.asgd(lr, h["lambd"], h["alpha"], h["t0"], weight_decay=h["weight_decay"])
 
 
 def _rprop(h, lr, momentum):
   del momentum
   # torch's Rprop reads the lr once, as the initial step size (the first step's lr).
   first = float(lr(0)) if callable(lr) else lr
-  return _twin("rprop")(first, tuple(h["etas"]), tuple(h["step_sizes"]))
+  return optim.rprop(first, tuple(h["etas"]), tuple(h["step_sizes"]))
 
 
 def _adafactor(h, lr, momentum):
   del momentum
-  return _twin("adafactor")(lr, h["beta2_decay"], tuple(h["eps"]), h["d"],
+  return optim.adafactor(lr, h["beta2_decay"], tuple(h["eps"]), h["d"],
                             weight_decay=h["weight_decay"])
 
 
 def _muon(h, lr, momentum):
   mom = h["momentum"] if momentum is None else momentum
-  return _twin("muon")(lr, weight_decay=h["weight_decay"], momentum=mom,
+  return optim.muon(lr, weight_decay=h["weight_decay"], momentum=mom,
                        nesterov=h["nesterov"], ns_coefficients=tuple(h["ns_coefficients"]),
                        eps=h["eps"], ns_steps=h["ns_steps"], adjust_lr_fn=h["adjust_lr_fn"])
 

@@ -40,15 +40,6 @@ import jax.numpy as jnp
 from jaxopt_llm import schedules
 
 
-def _twin(name: str) -> Callable:
-  fn = getattr(schedules, name, None)
-  if fn is None:
-    raise NotImplementedError(
-        f"from_torch: jaxopt_llm.schedules.{name} (the twin of this torch scheduler) is not "
-        "available in this version of jaxopt_llm")
-  return fn
-
-
 def _data(value: Any) -> Any:
   """``value`` as JSON data; callables and objects are dropped (None)."""
   if value is None or isinstance(value, (bool, str)):
@@ -226,7 +217,7 @@ def _lambda(desc, i, hyper):
     raise NotImplementedError(  # (describe tabulates these; a hand-written spec may not)
         f"from_torch: {lam['hf']} with {lam['kwargs']} has no closed form here")
   table = [float(v) for v in lam["tabulated"]]
-  twin = _twin("multiplicative_lr" if lam["multiplicative"] else "lambda_lr")
+  twin = schedules.multiplicative_lr if lam["multiplicative"] else schedules.lambda_lr
   return twin(base, table.__getitem__, len(table) - 1)
 
 
@@ -236,23 +227,23 @@ def _base(desc, i):
 
 def _step_lr(desc, i, hyper):
   s = desc["state"]
-  return _twin("step_lr")(_base(desc, i), s["step_size"], s["gamma"])
+  return schedules.step_lr(_base(desc, i), s["step_size"], s["gamma"])
 
 
 def _multi_step_lr(desc, i, hyper):
   s = desc["state"]
   milestones = sorted(int(k) for k, c in s["milestones"].items() for _ in range(int(c)))
-  return _twin("multi_step_lr")(_base(desc, i), milestones, s["gamma"])
+  return schedules.multi_step_lr(_base(desc, i), milestones, s["gamma"])
 
 
 def _constant_lr(desc, i, hyper):
   s = desc["state"]
-  return _twin("constant_lr")(_base(desc, i), s["factor"], s["total_iters"])
+  return schedules.constant_lr(_base(desc, i), s["factor"], s["total_iters"])
 
 
 def _linear_lr(desc, i, hyper):
   s = desc["state"]
-  return _twin("linear_lr")(_base(desc, i), s["start_factor"], s["end_factor"],
+  return schedules.linear_lr(_base(desc, i), s["start_factor"], s["end_factor"],
                             s["total_iters"])
 
 
@@ -262,17 +253,17 @@ def _exponential_lr(desc, i, hyper):
 
 def _polynomial_lr(desc, i, hyper):
   s = desc["state"]
-  return _twin("polynomial_lr")(_base(desc, i), s["total_iters"], s["power"])
+  return schedules.polynomial_lr(_base(desc, i), s["total_iters"], s["power"])
 
 
 def _cosine_annealing_lr(desc, i, hyper):
   s = desc["state"]
-  return _twin("cosine_annealing_lr")(_base(desc, i), s["T_max"], s["eta_min"])
+  return schedules.cosine_annealing_lr(_base(desc, i), s["T_max"], s["eta_min"])
 
 
 def _warm_restarts(desc, i, hyper):
   s = desc["state"]
-  return _twin("cosine_annealing_warm_restarts")(_base(desc, i), s["T_0"], s["T_mult"],
+  return schedules.cosine_annealing_warm_restarts(_base(desc, i), s["T_0"], s["T_mult"],
                                                  s["eta_min"])
 
 
@@ -284,7 +275,7 @@ def _children(desc, i, hyper):
 
 
 def _sequential_lr(desc, i, hyper):
-  return _twin("sequential_lr")(_children(desc, i, hyper),
+  return schedules.sequential_lr(_children(desc, i, hyper),
                                 [int(m) for m in desc["state"]["_milestones"]])
 
 
@@ -301,18 +292,18 @@ def _unit_base(desc):
 
 def _chained(desc, i, hyper):
   factors = _children(_unit_base(desc), i, hyper)
-  return _twin("chained_scheduler")(_base(desc["children"][0], i), factors)
+  return schedules.chained_scheduler(_base(desc["children"][0], i), factors)
 
 
 def _cyclic_lr(desc, i, hyper):
   s = desc["state"]
   up = int(round(s["total_size"] * s["step_ratio"]))
   down = int(round(s["total_size"])) - up
-  lr = _twin("cyclic_lr")(_base(desc, i), s["max_lrs"][i], step_size_up=up,
+  lr = schedules.cyclic_lr(_base(desc, i), s["max_lrs"][i], step_size_up=up,
                           step_size_down=down, mode=s["mode"], gamma=s["gamma"])
   mom = None
   if s["cycle_momentum"]:
-    mom = _twin("cyclic_momentum")(s["base_momentums"][i], s["max_momentums"][i],
+    mom = schedules.cyclic_momentum(s["base_momentums"][i], s["max_momentums"][i],
                                    step_size_up=up, step_size_down=down, mode=s["mode"],
                                    gamma=s["gamma"])
   return lr, mom
@@ -328,12 +319,12 @@ def _one_cycle(desc, i, hyper):
   # torch stores the group's initial/max/min lr in the param group; base_lrs is unused.
   initial = hyper["initial_lr"]
   max_lr, min_lr = hyper["max_lr"], hyper["min_lr"]
-  lr = _twin("one_cycle_lr")(max_lr, total, pct_start=pct_start, anneal_strategy=anneal,
+  lr = schedules.one_cycle_lr(max_lr, total, pct_start=pct_start, anneal_strategy=anneal,
                              div_factor=max_lr / initial, final_div_factor=initial / min_lr,
                              three_phase=three_phase)
   mom = None
   if s["cycle_momentum"]:
-    mom = _twin("one_cycle_momentum")(total, pct_start=pct_start, anneal_strategy=anneal,
+    mom = schedules.one_cycle_momentum(total, pct_start=pct_start, anneal_strategy=anneal,
                                       base_momentum=hyper["base_momentum"],
                                       max_momentum=hyper["max_momentum"],
                                       three_phase=three_phase)
@@ -370,7 +361,7 @@ def plateau(desc: dict, i: int, lr: float) -> Any:
   """``schedules.reduce_lr_on_plateau`` for param group ``i`` of a described
   ReduceLROnPlateau, relative to ``lr`` (the rate the group's twin is built with)."""
   s = desc["state"]
-  return _twin("reduce_lr_on_plateau")(
+  return schedules.reduce_lr_on_plateau(
       lr, mode=s["mode"], factor=s["factor"], patience=s["patience"],
       threshold=s["threshold"], threshold_mode=s["threshold_mode"], cooldown=s["cooldown"],
       min_lr=s["min_lrs"][i], eps=s["eps"])
