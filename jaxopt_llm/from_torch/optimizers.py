@@ -23,7 +23,6 @@ subclass of a torch optimizer (its ``step`` may differ), raises a TypeError nami
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, Callable, Optional
 
 import jax.numpy as jnp
@@ -188,22 +187,6 @@ def register(torch_name: str, entry: Entry) -> None:
 # torch objects -> spec (plain data)
 
 
-def _plain(value: Any, where: str) -> Any:
-  """``value`` as JSON data (a 1-element tensor -> float, tuple -> list)."""
-  if value is None or isinstance(value, (bool, str)):
-    return value
-  if isinstance(value, numbers.Integral):
-    return int(value)
-  if isinstance(value, numbers.Real):
-    return float(value)
-  if isinstance(value, (tuple, list)):
-    return [_plain(v, where) for v in value]
-  if hasattr(value, "numel") and value.numel() == 1:  # a torch tensor hyperparameter
-    return float(value.item())
-  raise TypeError(f"from_torch: {where} is {type(value).__name__} {value!r}, which has no "
-                  "JAX equivalent here (expected a number, a bool or a tuple of numbers)")
-
-
 def check_optimizer(optimizer: Any) -> tuple[str, Entry]:
   """``(class name, registry entry)``, or the error naming what is unsupported."""
   cls = type(optimizer)
@@ -270,9 +253,8 @@ def describe(optimizer: Any, scheduler: Any = None, *, named_parameters: Any = N
       if getattr(p, "is_sparse", False) or getattr(p, "is_complex", lambda: False)():
         raise NotImplementedError(f"from_torch: parameter {names[i][j]!r} is sparse or "
                                   "complex; only dense real parameters are supported")
-    hyper = {k: _plain(g[k], f"param group {i}'s {k!r}") for k in keys}
-    hyper.update({k: _plain(g[k], f"param group {i}'s {k!r}") for k in SCHEDULER_KEYS
-                  if k in g})
+    hyper = {k: schedulers.json_data(g[k], f"param group {i}'s {k!r}")
+             for k in [*keys, *(k for k in SCHEDULER_KEYS if k in g)]}
     groups.append({"names": names[i], "hyper": hyper,
                    "shapes": [list(p.shape) for p in g["params"]]})
   sched = None

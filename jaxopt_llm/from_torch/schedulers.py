@@ -40,8 +40,11 @@ import jax.numpy as jnp
 from jaxopt_llm import schedules
 
 
-def _data(value: Any) -> Any:
-  """``value`` as JSON data; callables and objects are dropped (None)."""
+def json_data(value: Any, where: Optional[str] = None) -> Any:
+  """``value`` as JSON data: numbers, bools, strings, None, lists (from tuples), dicts
+  (``collections.Counter``, MultiStepLR's milestones, included) and 1-element tensors (->
+  float). Anything else (a callable, an object) is None, or, given ``where`` (what the value
+  is, for the message), a TypeError."""
   if value is None or isinstance(value, (bool, str)):
     return value
   if isinstance(value, numbers.Integral):
@@ -49,11 +52,14 @@ def _data(value: Any) -> Any:
   if isinstance(value, numbers.Real):
     return float(value)
   if isinstance(value, (list, tuple)):
-    return [_data(v) for v in value]
-  if isinstance(value, dict):  # collections.Counter (MultiStepLR's milestones) included
-    return {str(k): _data(v) for k, v in value.items()}
-  if hasattr(value, "numel") and value.numel() == 1:
+    return [json_data(v, where) for v in value]
+  if isinstance(value, dict):
+    return {str(k): json_data(v, where) for k, v in value.items()}
+  if hasattr(value, "numel") and value.numel() == 1:  # a torch tensor hyperparameter
     return float(value.item())
+  if where is not None:
+    raise TypeError(f"from_torch: {where} is {type(value).__name__} {value!r}, which has no "
+                    "JAX equivalent here (expected a number, a bool or a tuple of numbers)")
   return None
 
 
@@ -139,13 +145,13 @@ def recognise(fn: Callable) -> Optional[tuple[str, dict]]:
   if isinstance(fn, functools.partial):
     name = getattr(fn.func, "__name__", "")
     if name in HF and not fn.args:
-      return name, {k: _data(v) for k, v in fn.keywords.items()}
+      return name, {k: json_data(v) for k, v in fn.keywords.items()}
     return None
   name = _HF_CLOSURES.get(getattr(fn, "__qualname__", ""))
   if name is None:
     return None
   code, cells = fn.__code__, fn.__closure__ or ()
-  kw = {k: _data(c.cell_contents) for k, c in zip(code.co_freevars, cells)}
+  kw = {k: json_data(c.cell_contents) for k, c in zip(code.co_freevars, cells)}
   if name == "_get_polynomial_decay_schedule_with_warmup_lr_lambda" and "lr_init" not in kw:
     return None
   return name, kw
@@ -181,7 +187,7 @@ def describe(scheduler: Any, steps: Optional[int] = None) -> dict:
     raise TypeError(
         f"from_torch: `scheduler` must be a torch.optim.lr_scheduler scheduler of one of the "
         f"classes {', '.join(sorted(REGISTRY))}; got {module}.{cls.__qualname__}")
-  state = {k: _data(v) for k, v in scheduler.state_dict().items() if k not in _DROP}
+  state = {k: json_data(v) for k, v in scheduler.state_dict().items() if k not in _DROP}
   desc = {"class": name, "state": state}
   if name == "CyclicLR" and getattr(scheduler, "_scale_fn_custom", None) is not None:
     raise NotImplementedError("from_torch: CyclicLR with a custom `scale_fn` cannot be "
