@@ -294,6 +294,24 @@ def _prepared(st: _Static, x: _Inputs, acc) -> jax.Array:
   return jnp.where(x.live[:, None], h, jnp.zeros((), h.dtype))
 
 
+class _Tiling(NamedTuple):
+  """What both passes over the tiles (``_stats``, ``_grads``) start from."""
+  vocab: int                 # this shard's columns
+  v_total: int               # every shard's columns
+  offset: jax.Array | int    # global id of this shard's first column
+  acc: Any                   # compute dtype
+  h: jax.Array               # ``_prepared`` hidden states
+  kbits: jax.Array           # the kernel as the loops slice it (``_bits``)
+
+
+def _tiling(st: _Static, x: _Inputs) -> _Tiling:
+  vocab = _vocab(st, x.kernel)
+  acc = compute_dtype(x.hidden, x.kernel, x.bias)
+  v_total = vocab if st.axis_name is None else vocab * _axis_size(st.axis_name)
+  return _Tiling(vocab, v_total, _offset(st, vocab), acc, _prepared(st, x, acc),
+                 _bits(st, x.kernel))
+
+
 def _stats(st: _Static, x: _Inputs, hyper: _Hyper) -> _Stats:
   """One pass over the tiles: the per-token statistics of the online logsumexp.
 
@@ -304,12 +322,7 @@ def _stats(st: _Static, x: _Inputs, hyper: _Hyper) -> _Stats:
   sums), so every device ends with the whole vocabulary's statistics.
   """
   n = x.hidden.shape[0]
-  vocab = _vocab(st, x.kernel)
-  acc = compute_dtype(x.hidden, x.kernel, x.bias)
-  h = _prepared(st, x, acc)
-  kbits = _bits(st, x.kernel)
-  offset = _offset(st, vocab)
-  v_total = vocab if st.axis_name is None else vocab * _axis_size(st.axis_name)
+  vocab, v_total, offset, acc, h, kbits = _tiling(st, x)
   c = st.chunk
   neg_inf = jnp.asarray(-jnp.inf, acc)
 
@@ -414,12 +427,7 @@ def _grads(st: _Static, need: _Need, x: _Inputs, bad: jax.Array, hyper: _Hyper,
   and ``db_j = sum_i g_ij``.
   """
   n, d = x.hidden.shape
-  vocab = _vocab(st, x.kernel)
-  acc = compute_dtype(x.hidden, x.kernel, x.bias)
-  h = _prepared(st, x, acc)
-  kbits = _bits(st, x.kernel)
-  offset = _offset(st, vocab)
-  v_total = vocab if st.axis_name is None else vocab * _axis_size(st.axis_name)
+  vocab, v_total, offset, acc, h, kbits = _tiling(st, x)
   c, b = st.chunk, st.block
   dv = st.layout == "dv"
 
