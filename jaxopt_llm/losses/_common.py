@@ -385,17 +385,21 @@ def combine_token_loss(nll: jax.Array, smooth: jax.Array | None, lse: jax.Array,
 
 
 def token_loss(logits: jax.Array, log_p: jax.Array, lse: jax.Array, valid: jax.Array, *,
-               label_smoothing: jax.Array | None, z_loss: jax.Array | None) -> jax.Array:
-  r"""The unweighted per-token cross-entropy from the logits (:func:`combine_token_loss`)::
+               label_smoothing: jax.Array | None, z_loss: jax.Array | None,
+               class_weight: jax.Array | None = None,
+               target_weight: jax.Array | None = None) -> jax.Array:
+  r"""The per-token cross-entropy from the logits (:func:`combine_token_loss`)::
 
     loss = (1 - eps) * (-log p(y)) + eps * (lse - mean_c z_c) + z_loss * lse**2
 
-  ``log_p`` is :func:`masked_log_probs`' output (NaN for a bad label); 0 where the token
-  does not count.
+  without class weights; with them (``class_weight`` ``[V]`` and ``target_weight`` its
+  value at each token's label) the first term is multiplied by ``w_y`` and the smoothing
+  term is :func:`smoothing_term`'s weighted one. ``log_p`` is :func:`masked_log_probs`'
+  output (NaN for a bad label); 0 where the token does not count.
   """
-  smooth = None if label_smoothing is None else smoothing_term(logits, lse)
+  smooth = None if label_smoothing is None else smoothing_term(logits, lse, class_weight)
   return combine_token_loss(-log_p, smooth, lse, valid, label_smoothing=label_smoothing,
-                            z_loss=z_loss)
+                            z_loss=z_loss, target_weight=target_weight)
 
 
 def reduce_masked(values: jax.Array, valid: jax.Array, reduction: str,
@@ -602,17 +606,13 @@ def token_cross_entropy(owner: str, labels_name: str, logits: Any, labels: Any, 
       owner, logits, labels_arr, ignore_index=ignore_index, where=where,
       validate=validate, labels_name=labels_name)
   w = validated_class_weight(owner, weight, t.logits.shape[-1])
-  if w is None:
-    log_p, lse = token_log_probs(t)
-    loss = token_loss(t.logits, log_p, lse, t.valid, label_smoothing=eps, z_loss=zl)
-    return reduce_masked(loss, t.valid, reduction)
-  dtype = compute_dtype(t.logits, w)
-  t, w = t._replace(logits=t.logits.astype(dtype)), w.astype(dtype)
-  if reduction == "mean":
-    w, zl = scaled_for_weighted_mean(w, zl)
+  if w is not None:
+    dtype = compute_dtype(t.logits, w)
+    t, w = t._replace(logits=t.logits.astype(dtype)), w.astype(dtype)
+    if reduction == "mean":
+      w, zl = scaled_for_weighted_mean(w, zl)
   log_p, lse = token_log_probs(t)
-  w_y = w[t.labels]
-  smooth = None if eps is None else smoothing_term(t.logits, lse, w)
-  loss = combine_token_loss(-log_p, smooth, lse, t.valid, label_smoothing=eps,
-                            z_loss=zl, target_weight=w_y)
+  w_y = None if w is None else w[t.labels]
+  loss = token_loss(t.logits, log_p, lse, t.valid, label_smoothing=eps, z_loss=zl,
+                    class_weight=w, target_weight=w_y)
   return reduce_masked(loss, t.valid, reduction, w_y)
