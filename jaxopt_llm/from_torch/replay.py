@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import zipfile
 from typing import Any, Optional
 
@@ -122,8 +123,13 @@ class Recorder:
       h.remove()
     self._handles = []
 
-  def save(self, path: str) -> str:
-    """Writes the recording to ``path`` (.npz) and removes the hooks; returns ``path``."""
+  def save(self, path: str, *, overwrite: bool = False) -> str:
+    """Writes the recording to ``path`` (.npz) and removes the hooks; returns ``path``.
+
+    An existing file (an earlier recording) is never replaced unless ``overwrite=True``."""
+    out = path if str(path).endswith(".npz") else f"{path}.npz"  # where np.savez writes
+    if os.path.exists(out) and not overwrite:
+      raise FileExistsError(f"Recorder: {out!r} exists; pass overwrite=True to replace it")
     self.close()
     if self._start is None or not self._after:
       raise ValueError("Recorder: nothing recorded yet (no optimizer.step() since the "
@@ -148,8 +154,8 @@ class Recorder:
       arrays[f"after/{k}"] = np.stack([a[k] for a in self._after[:n]])
       for key, value in self._start["state"].get(flat[k], {}).items():
         arrays[f"state/{k}/{key}"] = value
-    np.savez(path, **arrays)
-    return path if str(path).endswith(".npz") else f"{path}.npz"
+    np.savez(out, **arrays)
+    return out
 
 
 @dataclasses.dataclass

@@ -116,6 +116,22 @@ def test_spec_in_the_file_is_json(ft, tmp_path):
   assert "tabulated over 4 steps" in str(report) and report.worst <= 1e-5
 
 
+def test_save_never_replaces_an_earlier_recording_unless_asked(ft, tmp_path):
+  path, _ = _record(ft, tmp_path, name="run.npz")
+  before = open(path, "rb").read()
+  tp = ft.Problem(1).torch_params()
+  opt = O.SGD(list(tp.values()), lr=0.1)
+  rec = from_torch.Recorder(opt)
+  for p in tp.values():
+    p.grad = torch.ones_like(p)
+  opt.step()
+  for target in (path, path[:-len(".npz")]):  # np.savez appends .npz to a bare name
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+      rec.save(target)
+  assert open(path, "rb").read() == before
+  assert rec.save(path, overwrite=True) == path and open(path, "rb").read() != before
+
+
 def test_save_before_any_step_is_an_error(ft, tmp_path):
   tp = ft.Problem(1).torch_params()
   opt = O.SGD(list(tp.values()), lr=0.1)
