@@ -1,5 +1,7 @@
-"""jaxopt_llm.optim.numerics: saturating storage, safe division, bias correction, counting."""
+"""jaxopt_llm.optim.numerics: saturating storage, safe division, bias correction, counting,
+torch's single-rounding lerp and fma."""
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -71,3 +73,23 @@ def test_map_leaves_keeps_tuple_params_apart():
   chex.assert_trees_all_equal(a, (jnp.full(2, 2.0), jnp.ones(3)))
   chex.assert_trees_all_equal(b, (jnp.full(2, 2.0), jnp.zeros(3)))
   assert numerics.map_leaves(lambda x: (x,), {}, n_outputs=1) == ({},)
+
+
+def test_lerp_and_fma_round_as_torch():
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(4)
+  s, e = (rng.normal(size=20000).astype(np.float32) for _ in range(2))
+  for w in (0.05, 0.95, 0.5, 0.3):
+    ref = torch.from_numpy(s).lerp(torch.from_numpy(e), w).numpy()
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda a, b: numerics.lerp(a, b, w))(s, e)),
+                                  ref)
+  # A traced weight picks the branch per value.
+  for w in (0.05, 0.95):
+    ours = jax.jit(numerics.lerp)(s, e, jnp.float32(w))
+    np.testing.assert_array_equal(np.asarray(ours), torch.from_numpy(s).lerp(
+        torch.from_numpy(e), w).numpy())
+  # torch's add(alpha=) on CPU is an FMA: so is ours.
+  a = rng.normal(size=20000).astype(np.float32)
+  ref = torch.from_numpy(s).add(torch.from_numpy(a), alpha=-0.0123).numpy()
+  np.testing.assert_array_equal(
+      np.asarray(numerics.fma(jnp.asarray(a), jnp.float32(-0.0123), jnp.asarray(s))), ref)

@@ -20,7 +20,6 @@ import optax
 import pytest
 
 from jaxopt_llm import optim
-from jaxopt_llm.optim import numerics
 
 COEFFS = (3.4445, -4.775, 2.0315)
 SHAPES = {"tall": (12, 5), "wide": (6, 16), "square": (8, 8)}
@@ -178,26 +177,6 @@ def test_newton_schulz_rounds_as_torch():
       # Bit for bit, but for the order of float32 accumulation inside a product.
       assert np.mean(ours == ref) >= 0.99, (shape, steps)
       np.testing.assert_allclose(ours, ref, rtol=0, atol=2 ** -7)
-
-
-def test_lerp_and_fma_round_as_torch():
-  torch = pytest.importorskip("torch")
-  rng = np.random.default_rng(4)
-  s, e = (rng.normal(size=20000).astype(np.float32) for _ in range(2))
-  for w in (0.05, 0.95, 0.5, 0.3):
-    ref = torch.from_numpy(s).lerp(torch.from_numpy(e), w).numpy()
-    np.testing.assert_array_equal(np.asarray(jax.jit(lambda a, b: numerics.lerp(a, b, w))(s, e)),
-                                  ref)
-  # A traced weight picks the branch per value.
-  for w in (0.05, 0.95):
-    ours = jax.jit(numerics.lerp)(s, e, jnp.float32(w))
-    np.testing.assert_array_equal(np.asarray(ours), torch.from_numpy(s).lerp(
-        torch.from_numpy(e), w).numpy())
-  # torch's add(alpha=) on CPU is an FMA: so is ours.
-  a = rng.normal(size=20000).astype(np.float32)
-  ref = torch.from_numpy(s).add(torch.from_numpy(a), alpha=-0.0123).numpy()
-  np.testing.assert_array_equal(
-      np.asarray(numerics.fma(jnp.asarray(a), jnp.float32(-0.0123), jnp.asarray(s))), ref)
 
 
 # --------------------------------------------------------------------------------------------
